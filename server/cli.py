@@ -1,0 +1,114 @@
+"""``python -m server`` / ``trio-stream-server``: flags, mirrored by
+``STREAM_SERVER_*`` environment variables (``--port`` ⇔ ``STREAM_SERVER_PORT``;
+``--api-key`` ⇔ ``STREAM_SERVER_API_KEYS``, comma-separated)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from functools import partial
+
+import trio
+
+from .agents import AGENT_NAMES, AgentConfigError, build_agent
+from .logs import configure_logging
+from .settings import DEV_KEY, Settings
+
+logger = logging.getLogger("server")
+ENV_PREFIX = "STREAM_SERVER_"
+
+
+def _env_name(flag: str) -> str:
+    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    defaults = Settings()
+    parser = argparse.ArgumentParser(
+        prog="trio-stream-server",
+        description="Streaming server for LLM agent chat sessions (Hypercorn, trio worker).",
+        epilog="Every flag can also be set as STREAM_SERVER_<FLAG> (e.g. STREAM_SERVER_PORT).",
+    )
+
+    def option(flag: str, kind: type, default: object, help_text: str) -> None:
+        env = environ.get(_env_name(flag))
+        parser.add_argument(
+            flag,
+            type=kind,
+            default=kind(env) if env is not None else default,
+            help=f"{help_text} (default: %(default)s; env {_env_name(flag)})",
+        )
+
+    option("--host", str, defaults.host, "address to bind")
+    option("--port", int, defaults.port, "port to bind; 0 picks a free one")
+    option("--agent", str, defaults.agent, f"agent backend: {', '.join(AGENT_NAMES)}")
+    option("--token-delay", float, defaults.token_delay, "scripted agent: seconds between tokens")
+    option("--reply-words", int, defaults.reply_words, "scripted agent: words per reply")
+    option("--heartbeat-interval", float, defaults.heartbeat_interval, "seconds of silence before a ': ping'")
+    option("--cleanup-budget", float, defaults.cleanup_budget, "seconds a run's cleanup may take")
+    option("--idle-timeout", float, defaults.idle_timeout, "seconds before an idle session is dropped")
+    option("--drain-timeout", float, defaults.drain_timeout, "seconds runs may finish after SIGTERM")
+    option("--max-body-bytes", int, defaults.max_body_bytes, "largest request body accepted")
+    option("--log-level", str, defaults.log_level, "debug, info, warning or error")
+    env_keys = [key for key in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if key.strip()]
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        dest="api_keys",
+        default=None,
+        help=f"accepted API key, repeatable (env {ENV_PREFIX}API_KEYS, comma-separated); "
+        f"with none the dev key '{DEV_KEY}' is accepted on loopback only",
+    )
+    parser.set_defaults(env_api_keys=[key.strip() for key in env_keys])
+    return parser
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Settings from flags and environment; exits with a usage error (status 2)
+    on anything invalid, never with a traceback."""
+    environ = os.environ if environ is None else environ
+    parser = build_parser(environ)
+    try:
+        args = parser.parse_args(argv)
+    except ValueError as exc:  # a bad environment value
+        parser.error(str(exc))
+    try:
+        settings = Settings(
+            host=args.host,
+            port=args.port,
+            agent=args.agent,
+            token_delay=args.token_delay,
+            reply_words=args.reply_words,
+            api_keys=tuple(args.api_keys or args.env_api_keys),
+            heartbeat_interval=args.heartbeat_interval,
+            cleanup_budget=args.cleanup_budget,
+            idle_timeout=args.idle_timeout,
+            drain_timeout=args.drain_timeout,
+            max_body_bytes=args.max_body_bytes,
+            log_level=args.log_level,
+        )
+        build_agent(settings.agent, token_delay=settings.token_delay, reply_words=settings.reply_words)
+    except (AgentConfigError, ValueError) as exc:
+        parser.error(str(exc))
+    if settings.uses_dev_key and not settings.binds_loopback_only:
+        parser.error(
+            f"refusing to bind {settings.host} with the dev key '{DEV_KEY}': "
+            "set --api-key or STREAM_SERVER_API_KEYS"
+        )
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = parse_settings(argv)
+    configure_logging(settings.log_level)
+    if settings.uses_dev_key:
+        logger.warning(
+            "no API key configured: accepting the dev key '%s' (loopback only); "
+            "set --api-key or STREAM_SERVER_API_KEYS for anything else",
+            DEV_KEY,
+        )
+    from .launcher import serve
+
+    trio.run(partial(serve, settings))

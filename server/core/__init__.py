@@ -1,0 +1,14 @@
+"""The engine: sessions, runs and their events. Knows nothing of HTTP."""
+
+from .agent import Agent as Agent
+from .agent import AgentError as AgentError
+from .agent import AgentRequest as AgentRequest
+from .agent import ChatTurn as ChatTurn
+from .events import CancelReason as CancelReason
+from .events import RunStatus as RunStatus
+from .manager import EngineConfig as EngineConfig
+from .manager import SessionManager as SessionManager
+from .run import Run as Run
+from .session import Draining as Draining
+from .session import Session as Session
+from .session import SessionKey as SessionKey

@@ -1,0 +1,160 @@
+"""Events a run publishes, and the values agents send into a run.
+
+Two vocabularies meet here:
+
+* what an agent sends on its channel (:class:`TextDelta`, :class:`FullMessage`,
+  :class:`UsageReport`): no numbering, no identity, just output;
+* what a run publishes to its log (:class:`RunStarted` … :class:`RunFailed`):
+  every event carries ``run_id``, ``session_id`` and a gap-free ``seq``.
+
+Exactly one of the terminal types ends every run's log.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar
+
+import attrs
+
+
+class CancelReason(enum.StrEnum):
+    """Why a run was stopped before its agent finished."""
+
+    SUPERSEDED = "superseded"
+    CLIENT_STOP = "client_stop"
+    CLIENT_DISCONNECT = "client_disconnect"
+    SHUTDOWN = "shutdown"
+    DEADLINE = "deadline"
+
+    @property
+    def ended_by_server(self) -> bool:
+        """Shutdown and deadline are the server's doing: the run is
+        *interrupted*. The others answer something a client did: *cancelled*."""
+        return self in (CancelReason.SHUTDOWN, CancelReason.DEADLINE)
+
+
+class RunStatus(enum.StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    FAILED = "failed"
+
+
+@attrs.frozen(kw_only=True)
+class Usage:
+    prompt_tokens: int = attrs.field(validator=attrs.validators.ge(0))
+    completion_tokens: int = attrs.field(validator=attrs.validators.ge(0))
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@attrs.frozen(kw_only=True)
+class ErrorInfo:
+    """A client-safe error: a stable ``code`` and a message written for people.
+
+    Raw exception text never goes here."""
+
+    code: str = attrs.field(validator=attrs.validators.min_len(1))
+    message: str
+
+
+# --- what agents send -------------------------------------------------------
+
+
+@attrs.frozen
+class TextDelta:
+    text: str
+
+
+@attrs.frozen
+class FullMessage:
+    """The agent's complete answer. Optional: without it the run assembles
+    the message from the deltas it saw."""
+
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class UsageReport:
+    usage: Usage
+
+
+AgentOutput = TextDelta | FullMessage | UsageReport
+
+
+# --- what runs publish ------------------------------------------------------
+
+
+@attrs.frozen(kw_only=True)
+class _RunEvent:
+    type: ClassVar[str]
+    terminal: ClassVar[bool] = False
+
+    run_id: str
+    session_id: str
+    seq: int = attrs.field(validator=attrs.validators.ge(0))
+
+
+@attrs.frozen(kw_only=True)
+class RunStarted(_RunEvent):
+    type: ClassVar[str] = "run.started"
+
+
+@attrs.frozen(kw_only=True)
+class RunDelta(_RunEvent):
+    type: ClassVar[str] = "run.delta"
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class RunMessage(_RunEvent):
+    type: ClassVar[str] = "run.message"
+    text: str
+
+
+@attrs.frozen(kw_only=True)
+class RunCompleted(_RunEvent):
+    type: ClassVar[str] = "run.completed"
+    terminal: ClassVar[bool] = True
+    usage: Usage | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RunCancelled(_RunEvent):
+    type: ClassVar[str] = "run.cancelled"
+    terminal: ClassVar[bool] = True
+    reason: CancelReason
+
+
+@attrs.frozen(kw_only=True)
+class RunInterrupted(_RunEvent):
+    type: ClassVar[str] = "run.interrupted"
+    terminal: ClassVar[bool] = True
+    reason: CancelReason
+
+
+@attrs.frozen(kw_only=True)
+class RunFailed(_RunEvent):
+    type: ClassVar[str] = "run.failed"
+    terminal: ClassVar[bool] = True
+    error: ErrorInfo
+
+
+RunEvent = RunStarted | RunDelta | RunMessage | RunCompleted | RunCancelled | RunInterrupted | RunFailed
+TerminalEvent = RunCompleted | RunCancelled | RunInterrupted | RunFailed
+
+
+def status_of(event: TerminalEvent) -> RunStatus:
+    match event:
+        case RunCompleted():
+            return RunStatus.COMPLETED
+        case RunCancelled():
+            return RunStatus.CANCELLED
+        case RunInterrupted():
+            return RunStatus.INTERRUPTED
+        case RunFailed():
+            return RunStatus.FAILED

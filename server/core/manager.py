@@ -1,0 +1,155 @@
+"""The process-wide session table and the nursery that owns every session.
+
+Resource handling: :meth:`SessionManager.serve` is started with
+``nursery.start`` in the application's serving lifecycle and owns one task
+per session; each session owns its runs. Nothing the manager starts outlives
+``serve``.
+
+Shutdown: :meth:`drain` stops admitting runs (:class:`Draining`), lets live
+runs finish for up to the drain timeout, then cancels the rest with reason
+``shutdown`` and waits for their bounded cleanup. :meth:`close` does the
+same without the grace period and ends ``serve``.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from .agent import Agent, AgentRequest
+from .coordinator import Coordinator, InProcessCoordinator
+from .events import CancelReason
+from .run import NullObserver, Run, RunObserver
+from .session import Draining, LiveRuns, Session, SessionKey
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Draining", "EngineConfig", "SessionManager"]
+
+
+@attrs.frozen(kw_only=True)
+class EngineConfig:
+    cleanup_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+
+
+def ephemeral_session_id() -> str:
+    return f"anon-{uuid.uuid4().hex}"
+
+
+@attrs.define(eq=False)
+class SessionManager:
+    agent: Agent
+    config: EngineConfig = attrs.field(factory=EngineConfig)
+    observer: RunObserver = attrs.field(factory=NullObserver)
+    coordinator: Coordinator = attrs.field(factory=InProcessCoordinator)
+
+    live_runs: LiveRuns = attrs.field(factory=LiveRuns, init=False)
+    _sessions: dict[SessionKey, Session] = attrs.field(factory=dict, init=False)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+    _closing: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _closed: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    @property
+    def draining(self) -> bool:
+        return self.live_runs.draining
+
+    @property
+    def sessions(self) -> dict[SessionKey, Session]:
+        return dict(self._sessions)
+
+    async def serve(
+        self, *, task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                task_status.started(self)
+                await self._closing.wait()
+                await self._stop_runs(grace=0)
+                nursery.cancel_scope.cancel()
+        finally:
+            self._closed.set()
+
+    # --- submitting --------------------------------------------------------
+
+    async def submit(self, principal: str, session_id: str | None, request: AgentRequest) -> Run:
+        """Start a run in ``(principal, session_id)``'s session, superseding
+        its current run. ``session_id=None`` makes a session of its own,
+        dropped as soon as it is idle."""
+        if self.draining:
+            raise Draining
+        ephemeral = session_id is None
+        key = SessionKey(principal, session_id if session_id is not None else ephemeral_session_id())
+        async with self._use_session(key, ephemeral=ephemeral) as session:
+            return await session.submit(request)
+
+    def find_session(self, principal: str, session_id: str) -> Session | None:
+        return self._sessions.get(SessionKey(principal, session_id))
+
+    @asynccontextmanager
+    async def _use_session(self, key: SessionKey, *, ephemeral: bool) -> AsyncIterator[Session]:
+        session = self._sessions.get(key)
+        if session is None:
+            session = Session(
+                key=key,
+                agent=self.agent,
+                cleanup_budget=self.config.cleanup_budget,
+                idle_timeout=0 if ephemeral else self.config.idle_timeout,
+                live_runs=self.live_runs,
+                observer=self.observer,
+            )
+            # In the table (and counted as used) before the first await, so a
+            # concurrent submit for the same key finds this session.
+            self._sessions[key] = session
+            session.acquire()
+            assert self._nursery is not None
+            try:
+                await self._nursery.start(self._own_session, session)
+            except BaseException:
+                session.release()
+                raise
+        else:
+            session.acquire()
+        try:
+            yield session
+        finally:
+            session.release()
+
+    async def _own_session(self, session: Session, *, task_status: trio.TaskStatus[None]) -> None:
+        await self.coordinator.acquire(session.key)
+        try:
+            await session.serve(task_status=task_status)
+        finally:
+            # serve returns only while idle; dropping it here, with no await
+            # in between, means no submit can reach a session being dropped.
+            if self._sessions.get(session.key) is session:
+                del self._sessions[session.key]
+            self.coordinator.release(session.key)
+
+    # --- shutting down -----------------------------------------------------
+
+    async def drain(self, timeout: float) -> None:
+        """Stop admitting runs, give live ones ``timeout`` seconds to finish,
+        cancel the rest with reason ``shutdown`` and await their cleanup."""
+        await self._stop_runs(grace=timeout)
+
+    async def aclose(self) -> None:
+        """End :meth:`serve` and wait for it: live runs are interrupted with
+        reason ``shutdown``."""
+        self._closing.set()
+        await self._closed.wait()
+
+    async def _stop_runs(self, *, grace: float) -> None:
+        self.live_runs.draining = True
+        if grace > 0:
+            with trio.move_on_after(grace):
+                await self.live_runs.wait_empty()
+        for run in list(self.live_runs.runs):
+            run.cancel(CancelReason.SHUTDOWN)
+        await self.live_runs.wait_empty()

@@ -1,0 +1,266 @@
+"""One run: an agent's answer to one prompt.
+
+Pipeline: agent ──memory channel──▶ pump ──▶ :class:`EventLog` ──▶ subscribers.
+
+Resource handling: the agent and the pump run in a nursery inside the run's
+own cancel scope, so cancelling the run reaches the agent at its next
+checkpoint. The run's task lives in its session's nursery, never in an HTTP
+handler, so the run is owned whoever is (or is not) reading it.
+
+Ending: whatever stops the run (completion, :meth:`Run.cancel`, an agent
+error, cancellation of the session from outside), the ``finally`` block
+publishes exactly one terminal event. Cleanup that awaits (the observer,
+which persists) runs shielded under ``move_on_after(cleanup_budget)``: it
+completes under cancellation but cannot hang the session.
+
+Error handling: agent exceptions become ``run.failed``; an
+:class:`AgentError` carries its client-safe code and message, anything else
+is reported as ``agent_error`` with the traceback in the server log only.
+:class:`trio.Cancelled` from outside the run propagates after cleanup.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from typing import Protocol, TypedDict
+
+import attrs
+import trio
+
+from .agent import Agent, AgentError, AgentRequest
+from .events import (
+    AgentOutput,
+    CancelReason,
+    ErrorInfo,
+    FullMessage,
+    RunCancelled,
+    RunCompleted,
+    RunDelta,
+    RunFailed,
+    RunInterrupted,
+    RunMessage,
+    RunStarted,
+    RunStatus,
+    TerminalEvent,
+    TextDelta,
+    Usage,
+    UsageReport,
+    status_of,
+)
+from .eventlog import EventLog, Subscription
+from .lifecycle import Lifecycle, RunState
+from .lifecycle_log import lifecycle_event
+
+logger = logging.getLogger(__name__)
+
+AGENT_ERROR = ErrorInfo(code="agent_error", message="The agent failed while producing the answer.")
+INTERNAL_ERROR = ErrorInfo(code="internal_error", message="The server failed while running the agent.")
+
+
+class RunObserver(Protocol):
+    """Told when a run ends, before its terminal event is published.
+
+    Runs inside the run's shielded, bounded cleanup: the seam where the run
+    store records the terminal status."""
+
+    async def run_ended(self, run: Run, status: RunStatus) -> None: ...
+
+
+class NullObserver:
+    async def run_ended(self, run: Run, status: RunStatus) -> None:
+        return None
+
+
+class _Envelope(TypedDict):
+    run_id: str
+    session_id: str
+    seq: int
+
+
+def new_run_id() -> str:
+    return f"run_{uuid.uuid4().hex}"
+
+
+@attrs.define(eq=False)
+class Run:
+    session_id: str
+    request: AgentRequest
+    agent: Agent
+    cleanup_budget: float
+    observer: RunObserver = attrs.field(factory=NullObserver)
+    run_id: str = attrs.field(factory=new_run_id)
+    on_subscribers_changed: Callable[[], None] = attrs.field(default=lambda: None)
+
+    log: EventLog = attrs.field(factory=EventLog, init=False)
+    lifecycle: Lifecycle = attrs.field(factory=Lifecycle, init=False)
+    cancel_reason: CancelReason | None = attrs.field(default=None, init=False)
+    error: ErrorInfo | None = attrs.field(default=None, init=False)
+    usage: Usage | None = attrs.field(default=None, init=False)
+    started_at: float | None = attrs.field(default=None, init=False)
+    ended_at: float | None = attrs.field(default=None, init=False)
+    subscriber_count: int = attrs.field(default=0, init=False)
+
+    _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _producing: bool = attrs.field(default=False, init=False)
+    _deltas: list[str] = attrs.field(factory=list, init=False)
+    _message: str | None = attrs.field(default=None, init=False)
+    _ended: trio.Event = attrs.field(factory=trio.Event, init=False)
+
+    # --- queries -----------------------------------------------------------
+
+    @property
+    def state(self) -> RunState:
+        return self.lifecycle.state
+
+    @property
+    def alive(self) -> bool:
+        return self.lifecycle.alive
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    @property
+    def text(self) -> str:
+        """The answer so far (the full message once the run completed)."""
+        return self._message if self._message is not None else "".join(self._deltas)
+
+    @property
+    def terminal(self) -> TerminalEvent | None:
+        last = self.log.events[-1] if len(self.log) else None
+        return last if last is not None and last.terminal else None  # type: ignore[return-value]
+
+    @property
+    def status(self) -> RunStatus:
+        terminal = self.terminal
+        return RunStatus.RUNNING if terminal is None else status_of(terminal)
+
+    # --- control -----------------------------------------------------------
+
+    def cancel(self, reason: CancelReason) -> bool:
+        """Ask the run to stop; the first reason wins. Synchronous, so it is
+        safe in a ``finally`` of a cancelled task. Returns whether this call
+        was the one that stopped the run (False once the agent has finished
+        or the run was already cancelled)."""
+        if self.cancel_reason is not None or self.lifecycle.state not in (
+            RunState.PENDING,
+            RunState.RUNNING,
+        ):
+            return False
+        if self.lifecycle.state is RunState.RUNNING and not self._producing:
+            return False
+        self.cancel_reason = reason
+        self._cancel_scope.cancel()
+        lifecycle_event("stream_cancelled", trace=self.run_id, reason=reason.value)
+        return True
+
+    async def wait_ended(self) -> None:
+        await self._ended.wait()
+
+    def subscribe(self, *, after: int = -1) -> Subscription:
+        """A reader starting after event ``after`` (``-1``: from the start)."""
+        return Subscription(self.log, self._count_subscriber, cursor=after + 1)
+
+    def _count_subscriber(self, delta: int) -> None:
+        self.subscriber_count += delta
+        self.on_subscribers_changed()
+
+    # --- the task ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run to the end. Reports started once ``run.started`` is in the log."""
+        self.lifecycle.advance(RunState.RUNNING)
+        self.started_at = trio.current_time()
+        self._producing = True
+        self.log.append(RunStarted(**self._envelope()))
+        lifecycle_event("stream_start", trace=self.run_id, session=self.session_id)
+        task_status.started()
+        finished = False
+        try:
+            with self._cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
+                    nursery.start_soon(self._drive_agent, send_channel)
+                    await self._pump(receive_channel)
+                finished = True
+        except Exception:
+            logger.exception("run %s: engine failure", self.run_id)
+            self.error = INTERNAL_ERROR
+        finally:
+            self._producing = False
+            self.lifecycle.advance(RunState.CLEANING)
+            if self.error is None and self.cancel_reason is None and not finished:
+                # Cancelled from outside (the session or manager shut down)
+                # without an explicit reason: that is a shutdown.
+                self.cancel_reason = CancelReason.SHUTDOWN
+                lifecycle_event("stream_cancelled", trace=self.run_id, reason="shutdown")
+            status = self._final_status()
+            with trio.move_on_after(self.cleanup_budget, shield=True) as cleanup:
+                await self.observer.run_ended(self, status)
+            if cleanup.cancelled_caught:
+                logger.warning(
+                    "cleanup_budget_exceeded trace=%s budget_s=%s", self.run_id, self.cleanup_budget
+                )
+            self._end(status)
+
+    async def _drive_agent(self, send_channel: trio.MemorySendChannel[AgentOutput]) -> None:
+        async with send_channel:
+            try:
+                await self.agent.run(self.request, send_channel)
+            except AgentError as exc:
+                logger.warning("run %s: agent error %s", self.run_id, exc.code)
+                self.error = ErrorInfo(code=exc.code, message=exc.message)
+            except Exception:
+                logger.exception("run %s: agent raised", self.run_id)
+                self.error = AGENT_ERROR
+
+    async def _pump(self, receive_channel: trio.MemoryReceiveChannel[AgentOutput]) -> None:
+        async with receive_channel:
+            async for output in receive_channel:
+                match output:
+                    case TextDelta(text=text) if text:
+                        self._deltas.append(text)
+                        self.log.append(RunDelta(**self._envelope(), text=text))
+                    case FullMessage(text=text):
+                        self._message = text
+                    case UsageReport(usage=usage):
+                        self.usage = usage
+
+    # --- ending ------------------------------------------------------------
+
+    def _final_status(self) -> RunStatus:
+        if self.cancel_reason is not None:
+            return RunStatus.INTERRUPTED if self.cancel_reason.ended_by_server else RunStatus.CANCELLED
+        if self.error is not None:
+            return RunStatus.FAILED
+        return RunStatus.COMPLETED
+
+    def _end(self, status: RunStatus) -> None:
+        """Publish the (full message and) terminal event: synchronous, so
+        nothing can slip between them."""
+        if status is RunStatus.COMPLETED:
+            self.log.append(RunMessage(**self._envelope(), text=self.text))
+            self.log.append(RunCompleted(**self._envelope(), usage=self.usage))
+        elif status is RunStatus.FAILED:
+            assert self.error is not None
+            self.log.append(RunFailed(**self._envelope(), error=self.error))
+        else:
+            assert self.cancel_reason is not None
+            event_type = RunInterrupted if status is RunStatus.INTERRUPTED else RunCancelled
+            self.log.append(event_type(**self._envelope(), reason=self.cancel_reason))
+        self.lifecycle.advance(RunState.ENDED)
+        self.ended_at = trio.current_time()
+        assert self.started_at is not None
+        lifecycle_event(
+            "stream_end",
+            trace=self.run_id,
+            status=status.value,
+            events=len(self.log),
+            duration_ms=round((self.ended_at - self.started_at) * 1000),
+        )
+        self._ended.set()
+
+    def _envelope(self) -> _Envelope:
+        return {"run_id": self.run_id, "session_id": self.session_id, "seq": len(self.log)}

@@ -1,0 +1,66 @@
+"""Serve the app with Hypercorn's trio worker and drain runs on SIGINT/SIGTERM.
+
+Why a launcher: Hypercorn cuts open connections ``graceful_timeout`` after
+its shutdown trigger fires, and only then runs the ASGI lifespan shutdown.
+Draining therefore happens *inside* the shutdown trigger, while connections
+are still open: stop admitting runs (503), let live runs finish for up to
+``drain_timeout``, cancel the rest with reason ``shutdown`` (their clients
+get ``run.interrupted``), and only then let Hypercorn close.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from functools import partial
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .core.agent import Agent
+from .settings import Settings
+from .web.app import app_state, create_app
+
+logger = logging.getLogger(__name__)
+
+# Time for responses to write their terminal frames after the drain.
+FLUSH_TIMEOUT = 5.0
+
+
+def hypercorn_config(settings: Settings) -> HypercornConfig:
+    config = HypercornConfig()
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    config.bind = [f"{host}:{settings.port}"]
+    config.graceful_timeout = FLUSH_TIMEOUT
+    config.accesslog = logging.getLogger("hypercorn.access")
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve(
+    settings: Settings,
+    *,
+    agent: Agent | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    app = create_app(settings, agent=agent)
+    state = app_state(app)
+
+    async def drain_on_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                logger.info("shutdown_requested signal=%s", signal.Signals(signum).name)
+                break
+        if state.manager is not None:
+            logger.info("draining timeout_s=%s", settings.drain_timeout)
+            await state.manager.drain(settings.drain_timeout)
+        logger.info("drained")
+
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(hypercorn_serve, app, hypercorn_config(settings), shutdown_trigger=drain_on_signal)
+        )
+        for bind in binds:
+            logger.info("listening url=%s", bind)
+        task_status.started(binds)

@@ -1,0 +1,44 @@
+"""Process settings: one frozen value built by the CLI (flags, then
+``STREAM_SERVER_*`` environment variables, then these defaults)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import attrs
+
+DEV_KEY = "devkey"
+MiB = 1024 * 1024
+
+
+@attrs.frozen(kw_only=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = attrs.field(default=8000, validator=[attrs.validators.ge(0), attrs.validators.le(65535)])
+    agent: str = "scripted"
+    token_delay: float = 0.02
+    reply_words: int = 120
+    api_keys: tuple[str, ...] = ()
+    heartbeat_interval: float = attrs.field(default=15.0, validator=attrs.validators.gt(0))
+    cleanup_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    drain_timeout: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
+    max_body_bytes: int = attrs.field(default=MiB, validator=attrs.validators.gt(0))
+    log_level: str = "info"
+
+    @property
+    def uses_dev_key(self) -> bool:
+        return not self.api_keys
+
+    @property
+    def accepted_keys(self) -> tuple[str, ...]:
+        return self.api_keys or (DEV_KEY,)
+
+    @property
+    def binds_loopback_only(self) -> bool:
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host.strip("[]")).is_loopback
+        except ValueError:
+            return False

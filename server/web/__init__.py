@@ -1,0 +1,3 @@
+"""The HTTP edge (Quart-Trio)."""
+
+from .app import create_app as create_app

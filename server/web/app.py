@@ -1,0 +1,134 @@
+"""The HTTP edge: Quart-Trio routes that parse, authorise, negotiate and
+encode. The engine does the rest; no nursery is opened here.
+
+Streaming responses are exempt from Quart's ``RESPONSE_TIMEOUT`` (which
+would silently cut a long answer at 60 s): a stream ends when its run does.
+"""
+
+from __future__ import annotations
+
+import time
+
+import attrs
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+
+from ..agents import build_agent
+from ..core.agent import Agent
+from ..core.events import RunFailed
+from ..core.manager import EngineConfig, SessionManager
+from ..core.run import Run
+from ..settings import Settings
+from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder
+from ..wire.openai import completion
+from .auth import KeyRing
+from .errors import ApiError, error_response, install_error_handlers
+from .requests import ChatRequest, parse_chat_request, parse_session_id
+from .streaming import stream_run, wait_for_end
+
+NDJSON = "application/x-ndjson"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@attrs.define(eq=False)
+class AppState:
+    settings: Settings
+    agent: Agent
+    keyring: KeyRing
+    manager: SessionManager | None = None
+
+    def running_manager(self) -> SessionManager:
+        if self.manager is None:
+            raise ApiError(503, "starting", "The server is starting.", headers={"Retry-After": "1"})
+        return self.manager
+
+
+def app_state(app: QuartTrio) -> AppState:
+    state: AppState = app.extensions["stream_server"]
+    return state
+
+
+def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
+    app = QuartTrio("server")
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    state = AppState(
+        settings=settings,
+        agent=agent
+        or build_agent(
+            settings.agent, token_delay=settings.token_delay, reply_words=settings.reply_words
+        ),
+        keyring=KeyRing(settings.accepted_keys),
+    )
+    app.extensions["stream_server"] = state
+    install_error_handlers(app)
+
+    @app.before_serving
+    async def start_engine() -> None:
+        manager = SessionManager(
+            agent=state.agent,
+            config=EngineConfig(
+                cleanup_budget=settings.cleanup_budget, idle_timeout=settings.idle_timeout
+            ),
+        )
+        state.manager = await app.nursery.start(manager.serve)
+
+    @app.after_serving
+    async def stop_engine() -> None:
+        if state.manager is not None:
+            await state.manager.aclose()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        principal = state.keyring.authenticate(request.headers.get("Authorization"))
+        session_id = parse_session_id(request.headers.get("X-Session-Id"))
+        chat = parse_chat_request(await request.get_data(cache=False, as_text=False))
+        agent_request = chat.agent_request()
+        run = await state.running_manager().submit(principal, session_id, agent_request)
+        model = chat.model or state.agent.name
+        encoder = negotiate(chat, model=model)
+        headers = {"X-Run-Id": run.run_id, "X-Session-Id": run.session_id}
+        if encoder is None:
+            return await complete_once(run, model=model, headers=headers)
+        body = stream_run(run, encoder, heartbeat_interval=settings.heartbeat_interval)
+        response = app.response_class(
+            body, content_type=encoder.media_type, headers={**STREAM_HEADERS, **headers}
+        )
+        response.timeout = None
+        return response
+
+    return app
+
+
+def negotiate(chat: ChatRequest, *, model: str) -> FrameEncoder | None:
+    """The encoder for this request; ``None`` for one ``chat.completion``.
+
+    * ``Accept: application/x-ndjson``: native events, one JSON per line;
+    * ``X-Stream-Format: events`` (or ``"stream_format": "events"``): native
+      events as SSE, each with ``id: <run_id>:<seq>``;
+    * otherwise OpenAI: chunks over SSE with ``stream: true``, else one JSON.
+    """
+    accept = request.headers.get("Accept", "")
+    wants_events = (
+        request.headers.get("X-Stream-Format", "").strip().lower() == "events"
+        or chat.stream_format == "events"
+    )
+    if NDJSON in accept:
+        return NativeNdjsonEncoder()
+    if wants_events:
+        return NativeSseEncoder()
+    if chat.stream:
+        include_usage = chat.stream_options is not None and chat.stream_options.include_usage
+        return OpenAIChunkEncoder(created=int(time.time()), model=model, include_usage=include_usage)
+    return None
+
+
+async def complete_once(run: Run, *, model: str, headers: dict[str, str]) -> Response:
+    terminal = await wait_for_end(run)
+    if isinstance(terminal, RunFailed):
+        return error_response(502, terminal.error.code, terminal.error.message, headers)
+    body = completion(
+        run.run_id, created=int(time.time()), model=model, text=run.text, terminal=terminal
+    )
+    response = jsonify(body)
+    response.headers.update(headers)
+    return response

@@ -1,0 +1,38 @@
+"""API keys: ``Authorization: Bearer <key>`` to a principal.
+
+The principal is a stable, non-secret name derived from the key, so logs and
+session keys never hold the key itself."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+import attrs
+
+from .errors import ApiError
+
+
+def principal_of(key: str) -> str:
+    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+@attrs.frozen
+class KeyRing:
+    keys: tuple[str, ...] = attrs.field(validator=attrs.validators.min_len(1))
+
+    def authenticate(self, authorization: str | None) -> str:
+        """The principal for an ``Authorization`` header, or 401."""
+        scheme, _, presented = (authorization or "").partition(" ")
+        presented = presented.strip()
+        if scheme.lower() != "bearer" or not presented:
+            raise ApiError(401, "unauthorized", "Send 'Authorization: Bearer <api key>'.")
+        # Compare against every key, each in constant time, so timing tells
+        # neither which key nor how much of one matched.
+        matched = None
+        for key in self.keys:
+            if hmac.compare_digest(presented.encode(), key.encode()):
+                matched = key
+        if matched is None:
+            raise ApiError(401, "unauthorized", "The API key is not valid.")
+        return principal_of(matched)

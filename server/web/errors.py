@@ -1,0 +1,71 @@
+"""Every error a client sees: ``{"error": {"code", "message"}}`` with the
+right status. Engine errors and HTTP exceptions are translated here and
+nowhere else; exception text never reaches a client."""
+
+from __future__ import annotations
+
+import logging
+
+from quart import Quart, Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+from ..core.session import Draining
+
+logger = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(code)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    response = jsonify({"error": {"code": code, "message": message}})
+    response.status_code = status
+    response.headers.update(headers or {})
+    return response
+
+
+# werkzeug's HTTP exceptions by status: stable codes and plain messages.
+_HTTP_CODES = {
+    400: ("bad_request", "The request could not be understood."),
+    404: ("not_found", "No such resource."),
+    405: ("method_not_allowed", "This method is not allowed on this resource."),
+    408: ("request_timeout", "The request body did not arrive in time."),
+    413: ("payload_too_large", "The request body is larger than the server accepts."),
+    415: ("unsupported_media_type", "The request body must be JSON."),
+}
+
+
+def install_error_handlers(app: Quart) -> None:
+    @app.errorhandler(ApiError)
+    async def _api_error(error: ApiError) -> Response:
+        return error_response(error.status, error.code, error.message, error.headers)
+
+    @app.errorhandler(Draining)
+    async def _draining(error: Draining) -> Response:
+        return error_response(
+            503,
+            "draining",
+            "The server is shutting down and accepts no new runs.",
+            {"Retry-After": "5"},
+        )
+
+    @app.errorhandler(HTTPException)
+    async def _http_error(error: HTTPException) -> Response:
+        status = error.code or 500
+        code, message = _HTTP_CODES.get(status, ("http_error", "The request failed."))
+        return error_response(status, code, message)
+
+    @app.errorhandler(Exception)
+    async def _unexpected(error: Exception) -> Response:
+        logger.exception("unhandled error in request", exc_info=error)
+        return error_response(500, "internal_error", "The server failed to handle the request.")

@@ -1,0 +1,121 @@
+"""Request bodies and headers, validated into values (cattrs, strict types).
+
+Malformed JSON is a 400; well-formed JSON of the wrong shape is a 422 whose
+message names the offending fields. Unknown fields are ignored, as OpenAI
+clients send many (``temperature``, ``max_tokens``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Literal
+
+import attrs
+import cattrs
+
+from ..core.agent import AgentRequest, ChatTurn
+from .errors import ApiError
+
+SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@attrs.frozen(kw_only=True)
+class TextPart:
+    type: str
+    text: str = ""
+
+
+@attrs.frozen(kw_only=True)
+class ChatMessage:
+    role: str
+    content: str | list[TextPart] | None = None
+
+    @property
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content if part.type == "text")
+
+
+@attrs.frozen(kw_only=True)
+class StreamOptions:
+    include_usage: bool = False
+
+
+@attrs.frozen(kw_only=True)
+class ChatRequest:
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    model: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Native typed events over SSE instead of OpenAI chunks (same as the
+    # ``X-Stream-Format: events`` header).
+    stream_format: Literal["openai", "events"] | None = None
+
+    def agent_request(self) -> AgentRequest:
+        turns = tuple(ChatTurn(role=m.role, content=m.text) for m in self.messages or ())
+        prompt = self.prompt
+        if prompt is None:
+            prompt = next((turn.content for turn in reversed(turns) if turn.role == "user"), None)
+        if prompt is None or not prompt.strip():
+            raise ApiError(
+                422,
+                "missing_prompt",
+                "Send a non-empty 'prompt' or 'messages' ending in a user message.",
+            )
+        return AgentRequest(prompt=prompt, messages=turns, model=self.model)
+
+
+def _strict(expected: type) -> Any:
+    def structure(value: Any, _type: Any) -> Any:
+        # bool is an int in Python; neither may stand in for the other here.
+        if type(value) is not expected:
+            raise TypeError(f"expected {expected.__name__}")
+        return value
+
+    return structure
+
+
+def _content(value: Any, _type: Any) -> str | list[TextPart] | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _converter.structure(value, list[TextPart])
+    raise TypeError("expected a string or a list of content parts")
+
+
+_converter = cattrs.Converter(forbid_extra_keys=False)
+for _type in (str, bool, int):
+    _converter.register_structure_hook(_type, _strict(_type))
+_converter.register_structure_hook(str | list[TextPart] | None, _content)
+
+
+def parse_chat_request(body: bytes) -> ChatRequest:
+    try:
+        raw = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if not isinstance(raw, dict):
+        raise ApiError(422, "invalid_request", "The request body must be a JSON object.")
+    try:
+        return _converter.structure(raw, ChatRequest)
+    except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
+        problems = cattrs.transform_error(exc) if isinstance(exc, cattrs.BaseValidationError) else []
+        detail = "; ".join(problems[:5]) or "wrong field types"
+        raise ApiError(422, "invalid_request", f"Invalid request: {detail}.") from None
+
+
+def parse_session_id(header: str | None) -> str | None:
+    if header is None:
+        return None
+    if not SESSION_ID_PATTERN.fullmatch(header):
+        raise ApiError(
+            400,
+            "invalid_session_id",
+            "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+        )
+    return header
