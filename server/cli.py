@@ -46,10 +46,19 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     option("--agent", str, defaults.agent, f"agent backend: {', '.join(AGENT_NAMES)}")
     option("--token-delay", float, defaults.token_delay, "scripted agent: seconds between tokens")
     option("--reply-words", int, defaults.reply_words, "scripted agent: words per reply")
-    option("--heartbeat-interval", float, defaults.heartbeat_interval, "seconds of silence before a ': ping'")
+    option(
+        "--heartbeat-interval",
+        float,
+        defaults.heartbeat_interval,
+        "seconds of silence before a ': ping'",
+    )
     option("--cleanup-budget", float, defaults.cleanup_budget, "seconds a run's cleanup may take")
-    option("--idle-timeout", float, defaults.idle_timeout, "seconds before an idle session is dropped")
-    option("--drain-timeout", float, defaults.drain_timeout, "seconds runs may finish after SIGTERM")
+    option(
+        "--idle-timeout", float, defaults.idle_timeout, "seconds before an idle session is dropped"
+    )
+    option(
+        "--drain-timeout", float, defaults.drain_timeout, "seconds runs may finish after SIGTERM"
+    )
     option("--max-body-bytes", int, defaults.max_body_bytes, "largest request body accepted")
     option("--log-level", str, defaults.log_level, "debug, info, warning or error")
     env_keys = [key for key in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if key.strip()]
@@ -65,7 +74,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+def parse_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Settings from flags and environment; exits with a usage error (status 2)
     on anything invalid, never with a traceback."""
     environ = os.environ if environ is None else environ
@@ -89,7 +100,9 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
             max_body_bytes=args.max_body_bytes,
             log_level=args.log_level,
         )
-        build_agent(settings.agent, token_delay=settings.token_delay, reply_words=settings.reply_words)
+        build_agent(
+            settings.agent, token_delay=settings.token_delay, reply_words=settings.reply_words
+        )
     except (AgentConfigError, ValueError) as exc:
         parser.error(str(exc))
     if settings.uses_dev_key and not settings.binds_loopback_only:

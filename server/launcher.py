@@ -54,12 +54,14 @@ async def serve(
                 break
         if state.manager is not None:
             logger.info("draining timeout_s=%s", settings.drain_timeout)
-            await state.manager.drain(settings.drain_timeout)
+            await state.manager.drain(grace_period=settings.drain_timeout)
         logger.info("drained")
 
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(
-            partial(hypercorn_serve, app, hypercorn_config(settings), shutdown_trigger=drain_on_signal)
+            partial(
+                hypercorn_serve, app, hypercorn_config(settings), shutdown_trigger=drain_on_signal
+            )
         )
         for bind in binds:
             logger.info("listening url=%s", bind)

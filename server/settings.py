@@ -14,7 +14,9 @@ MiB = 1024 * 1024
 @attrs.frozen(kw_only=True)
 class Settings:
     host: str = "127.0.0.1"
-    port: int = attrs.field(default=8000, validator=[attrs.validators.ge(0), attrs.validators.le(65535)])
+    port: int = attrs.field(
+        default=8000, validator=[attrs.validators.ge(0), attrs.validators.le(65535)]
+    )
     agent: str = "scripted"
     token_delay: float = 0.02
     reply_words: int = 120

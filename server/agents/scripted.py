@@ -16,11 +16,13 @@ import trio
 from ..core.agent import AgentRequest
 from ..core.events import AgentOutput, TextDelta, Usage, UsageReport
 
-_VOCABULARY = (
-    "stream session token nursery scope cancel answer prompt channel trio "
-    "owner cleanup reply model server client event frame order signal run "
-    "structured concurrency bounded shielded deterministic gentle quiet river "
-    "harbour lantern meadow orbit pebble quartz signal timber violet willow"
+_VOCABULARY = " ".join(
+    (
+        "stream session token nursery scope cancel answer prompt channel trio",
+        "owner cleanup reply model server client event frame order signal run",
+        "structured concurrency bounded shielded deterministic gentle quiet river",
+        "harbour lantern meadow orbit pebble quartz timber violet willow",
+    )
 ).split()
 
 

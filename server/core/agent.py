@@ -35,7 +35,9 @@ class Agent(Protocol):
     @property
     def name(self) -> str: ...
 
-    async def run(self, request: AgentRequest, send_channel: trio.MemorySendChannel[AgentOutput]) -> None: ...
+    async def run(
+        self, request: AgentRequest, send_channel: trio.MemorySendChannel[AgentOutput]
+    ) -> None: ...
 
 
 class AgentError(Exception):

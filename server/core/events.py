@@ -144,7 +144,9 @@ class RunFailed(_RunEvent):
     error: ErrorInfo
 
 
-RunEvent = RunStarted | RunDelta | RunMessage | RunCompleted | RunCancelled | RunInterrupted | RunFailed
+RunEvent = (
+    RunStarted | RunDelta | RunMessage | RunCompleted | RunCancelled | RunInterrupted | RunFailed
+)
 TerminalEvent = RunCompleted | RunCancelled | RunInterrupted | RunFailed
 
 

@@ -85,7 +85,9 @@ class SessionManager:
         if self.draining:
             raise Draining
         ephemeral = session_id is None
-        key = SessionKey(principal, session_id if session_id is not None else ephemeral_session_id())
+        key = SessionKey(
+            principal, session_id if session_id is not None else ephemeral_session_id()
+        )
         async with self._use_session(key, ephemeral=ephemeral) as session:
             return await session.submit(request)
 
@@ -103,6 +105,7 @@ class SessionManager:
                 idle_timeout=0 if ephemeral else self.config.idle_timeout,
                 live_runs=self.live_runs,
                 observer=self.observer,
+                on_dropped=self._forget,
             )
             # In the table (and counted as used) before the first await, so a
             # concurrent submit for the same key finds this session.
@@ -110,7 +113,8 @@ class SessionManager:
             session.acquire()
             assert self._nursery is not None
             try:
-                await self._nursery.start(self._own_session, session)
+                await self.coordinator.acquire(key)
+                await self._nursery.start(session.serve)
             except BaseException:
                 session.release()
                 raise
@@ -121,23 +125,17 @@ class SessionManager:
         finally:
             session.release()
 
-    async def _own_session(self, session: Session, *, task_status: trio.TaskStatus[None]) -> None:
-        await self.coordinator.acquire(session.key)
-        try:
-            await session.serve(task_status=task_status)
-        finally:
-            # serve returns only while idle; dropping it here, with no await
-            # in between, means no submit can reach a session being dropped.
-            if self._sessions.get(session.key) is session:
-                del self._sessions[session.key]
-            self.coordinator.release(session.key)
+    def _forget(self, session: Session) -> None:
+        if self._sessions.get(session.key) is session:
+            del self._sessions[session.key]
+        self.coordinator.release(session.key)
 
     # --- shutting down -----------------------------------------------------
 
-    async def drain(self, timeout: float) -> None:
-        """Stop admitting runs, give live ones ``timeout`` seconds to finish,
+    async def drain(self, grace_period: float) -> None:
+        """Stop admitting runs, give live ones ``grace_period`` seconds to finish,
         cancel the rest with reason ``shutdown`` and await their cleanup."""
-        await self._stop_runs(grace=timeout)
+        await self._stop_runs(grace=grace_period)
 
     async def aclose(self) -> None:
         """End :meth:`serve` and wait for it: live runs are interrupted with

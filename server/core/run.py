@@ -30,6 +30,7 @@ import attrs
 import trio
 
 from .agent import Agent, AgentError, AgentRequest
+from .eventlog import EventLog, Subscription
 from .events import (
     AgentOutput,
     CancelReason,
@@ -49,14 +50,15 @@ from .events import (
     UsageReport,
     status_of,
 )
-from .eventlog import EventLog, Subscription
 from .lifecycle import Lifecycle, RunState
 from .lifecycle_log import lifecycle_event
 
 logger = logging.getLogger(__name__)
 
 AGENT_ERROR = ErrorInfo(code="agent_error", message="The agent failed while producing the answer.")
-INTERNAL_ERROR = ErrorInfo(code="internal_error", message="The server failed while running the agent.")
+INTERNAL_ERROR = ErrorInfo(
+    code="internal_error", message="The server failed while running the agent."
+)
 
 
 class RunObserver(Protocol):
@@ -92,6 +94,8 @@ class Run:
     observer: RunObserver = attrs.field(factory=NullObserver)
     run_id: str = attrs.field(factory=new_run_id)
     on_subscribers_changed: Callable[[], None] = attrs.field(default=lambda: None)
+    # Called (synchronously) once the terminal event is out.
+    on_ended: Callable[[Run], None] = attrs.field(default=lambda run: None)
 
     log: EventLog = attrs.field(factory=EventLog, init=False)
     lifecycle: Lifecycle = attrs.field(factory=Lifecycle, init=False)
@@ -232,7 +236,9 @@ class Run:
 
     def _final_status(self) -> RunStatus:
         if self.cancel_reason is not None:
-            return RunStatus.INTERRUPTED if self.cancel_reason.ended_by_server else RunStatus.CANCELLED
+            return (
+                RunStatus.INTERRUPTED if self.cancel_reason.ended_by_server else RunStatus.CANCELLED
+            )
         if self.error is not None:
             return RunStatus.FAILED
         return RunStatus.COMPLETED
@@ -261,6 +267,7 @@ class Run:
             duration_ms=round((self.ended_at - self.started_at) * 1000),
         )
         self._ended.set()
+        self.on_ended(self)
 
     def _envelope(self) -> _Envelope:
         return {"run_id": self.run_id, "session_id": self.session_id, "seq": len(self.log)}

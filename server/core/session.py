@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import attrs
 import trio
@@ -71,6 +72,8 @@ class Session:
     idle_timeout: float
     live_runs: LiveRuns = attrs.field(factory=LiveRuns)
     observer: RunObserver = attrs.field(factory=NullObserver)
+    # Called (synchronously) when serve returns: the session is dropped.
+    on_dropped: Callable[[Session], None] = attrs.field(default=lambda session: None)
 
     current: Run | None = attrs.field(default=None, init=False)
     users: int = attrs.field(default=0, init=False)
@@ -99,12 +102,17 @@ class Session:
 
         Returns (and so releases the session) only while idle; the caller
         removes it from the session table in the same step."""
-        async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            self._touch()
-            self._ready.set()
-            task_status.started()
-            await self._wait_idle_expired()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._touch()
+                self._ready.set()
+                task_status.started()
+                await self._wait_idle_expired()
+        finally:
+            # No await between the idle check and this: no submit can reach
+            # a session that is being dropped.
+            self.on_dropped(self)
 
     async def _wait_idle_expired(self) -> None:
         while True:
@@ -165,16 +173,14 @@ class Session:
                 cleanup_budget=self.cleanup_budget,
                 observer=self.observer,
                 on_subscribers_changed=self._touch,
+                on_ended=self._run_ended,
             )
             assert self._nursery is not None
             self.current = run
             self.live_runs.add(run)
-            await self._nursery.start(self._own_run, run)
+            await self._nursery.start(run.run)
             return run
 
-    async def _own_run(self, run: Run, *, task_status: trio.TaskStatus[None]) -> None:
-        try:
-            await run.run(task_status=task_status)
-        finally:
-            self.live_runs.discard(run)
-            self._touch()
+    def _run_ended(self, run: Run) -> None:
+        self.live_runs.discard(run)
+        self._touch()

@@ -81,7 +81,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     async def chat_completions() -> Response:
         principal = state.keyring.authenticate(request.headers.get("Authorization"))
         session_id = parse_session_id(request.headers.get("X-Session-Id"))
-        chat = parse_chat_request(await request.get_data(cache=False, as_text=False))
+        chat = parse_chat_request(
+            await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        )
         agent_request = chat.agent_request()
         run = await state.running_manager().submit(principal, session_id, agent_request)
         model = chat.model or state.agent.name
@@ -118,7 +120,9 @@ def negotiate(chat: ChatRequest, *, model: str) -> FrameEncoder | None:
         return NativeSseEncoder()
     if chat.stream:
         include_usage = chat.stream_options is not None and chat.stream_options.include_usage
-        return OpenAIChunkEncoder(created=int(time.time()), model=model, include_usage=include_usage)
+        return OpenAIChunkEncoder(
+            created=int(time.time()), model=model, include_usage=include_usage
+        )
     return None
 
 

@@ -46,12 +46,14 @@ _HTTP_CODES = {
 
 
 def install_error_handlers(app: Quart) -> None:
+    # Handlers are coroutines although they do not await: Quart-Trio would
+    # run a plain function in a worker thread.
     @app.errorhandler(ApiError)
-    async def _api_error(error: ApiError) -> Response:
+    async def _api_error(error: ApiError) -> Response:  # noqa: ASYNC124
         return error_response(error.status, error.code, error.message, error.headers)
 
     @app.errorhandler(Draining)
-    async def _draining(error: Draining) -> Response:
+    async def _draining(error: Draining) -> Response:  # noqa: ASYNC124
         return error_response(
             503,
             "draining",
@@ -60,12 +62,12 @@ def install_error_handlers(app: Quart) -> None:
         )
 
     @app.errorhandler(HTTPException)
-    async def _http_error(error: HTTPException) -> Response:
+    async def _http_error(error: HTTPException) -> Response:  # noqa: ASYNC124
         status = error.code or 500
         code, message = _HTTP_CODES.get(status, ("http_error", "The request failed."))
         return error_response(status, code, message)
 
     @app.errorhandler(Exception)
-    async def _unexpected(error: Exception) -> Response:
+    async def _unexpected(error: Exception) -> Response:  # noqa: ASYNC124
         logger.exception("unhandled error in request", exc_info=error)
         return error_response(500, "internal_error", "The server failed to handle the request.")

@@ -104,7 +104,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
     try:
         return _converter.structure(raw, ChatRequest)
     except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
-        problems = cattrs.transform_error(exc) if isinstance(exc, cattrs.BaseValidationError) else []
+        problems = (
+            cattrs.transform_error(exc) if isinstance(exc, cattrs.BaseValidationError) else []
+        )
         detail = "; ".join(problems[:5]) or "wrong field types"
         raise ApiError(422, "invalid_request", f"Invalid request: {detail}.") from None
 

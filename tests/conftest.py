@@ -1,0 +1,2 @@
+"""Shared test set-up. pytest-trio runs in trio_mode; pytest-timeout (see
+pyproject) is the hang guard for every test."""
