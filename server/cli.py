@@ -37,7 +37,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         parser.add_argument(
             flag,
             type=kind,
-            default=kind(env) if env is not None else default,
+            # A string default goes through ``type`` like a typed flag, so a
+            # bad environment value is a usage error naming the flag.
+            default=env if env is not None else default,
             help=f"{help_text} (default: %(default)s; env {_env_name(flag)})",
         )
 
@@ -81,10 +83,7 @@ def parse_settings(
     on anything invalid, never with a traceback."""
     environ = os.environ if environ is None else environ
     parser = build_parser(environ)
-    try:
-        args = parser.parse_args(argv)
-    except ValueError as exc:  # a bad environment value
-        parser.error(str(exc))
+    args = parser.parse_args(argv)
     try:
         settings = Settings(
             host=args.host,

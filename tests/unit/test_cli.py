@@ -1,0 +1,60 @@
+"""Flags, their STREAM_SERVER_* mirrors, and clean start-up errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from server.cli import parse_settings
+from server.settings import Settings
+
+
+def test_defaults_serve_loopback_with_the_scripted_agent() -> None:
+    settings = parse_settings([], environ={})
+    assert settings == Settings()
+    assert (settings.host, settings.port, settings.agent) == ("127.0.0.1", 8000, "scripted")
+    assert settings.uses_dev_key and settings.accepted_keys == ("devkey",)
+
+
+def test_environment_mirrors_flags_and_flags_win() -> None:
+    environ = {
+        "STREAM_SERVER_PORT": "9001",
+        "STREAM_SERVER_TOKEN_DELAY": "0.5",
+        "STREAM_SERVER_REPLY_WORDS": "7",
+        "STREAM_SERVER_API_KEYS": "k1, k2,",
+        "STREAM_SERVER_DRAIN_TIMEOUT": "3",
+    }
+    settings = parse_settings([], environ=environ)
+    assert settings.port == 9001
+    assert settings.token_delay == 0.5 and settings.reply_words == 7
+    assert settings.api_keys == ("k1", "k2")
+    assert settings.drain_timeout == 3
+    flagged = parse_settings(["--port", "9002", "--api-key", "k3"], environ=environ)
+    assert flagged.port == 9002 and flagged.api_keys == ("k3",)
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "message"),
+    [
+        (["--host", "0.0.0.0"], {}, "refusing to bind 0.0.0.0 with the dev key"),
+        (["--agent", "nonesuch"], {}, "unknown agent 'nonesuch'"),
+        (["--reply-words", "0"], {}, "--reply-words must be >= 1"),
+        (["--port", "70000"], {}, "port"),
+        ([], {"STREAM_SERVER_PORT": "eighty"}, "--port: invalid int value: 'eighty'"),
+        (["--token-delay", "soon"], {}, "invalid float value"),
+    ],
+)
+def test_bad_configuration_is_a_usage_error_not_a_traceback(
+    argv: list[str], environ: dict[str, str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(argv, environ=environ)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+
+
+def test_dev_key_may_bind_any_loopback_address() -> None:
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "localhost"):
+        assert parse_settings(["--host", host], environ={}).host == host
+    assert parse_settings(["--host", "0.0.0.0", "--api-key", "k"], environ={}).api_keys == ("k",)
