@@ -13,9 +13,7 @@ import trio.testing
 from server.agents.scripted import ScriptedAgent
 from server.core import AgentError, AgentRequest, CancelReason, EngineConfig, SessionManager
 from server.core.agent import Agent
-from server.core.eventlog import EventLog
-from server.core.events import RunCancelled, RunFailed, RunInterrupted, RunStarted, RunStatus
-from server.core.lifecycle import Lifecycle, LifecycleError, RunState
+from server.core.events import RunCancelled, RunFailed, RunInterrupted, RunStatus
 from server.core.run import Run, RunObserver
 from tests.helpers import (
     AliveProbe,
@@ -328,27 +326,3 @@ async def test_closing_the_manager_interrupts_live_runs(
     assert isinstance(run.terminal, RunInterrupted)
     assert run.terminal.reason is CancelReason.SHUTDOWN
     assert_well_formed(run.log.events)
-
-
-def test_lifecycle_rejects_illegal_transitions() -> None:
-    lifecycle = Lifecycle()
-    with pytest.raises(LifecycleError):
-        lifecycle.advance(RunState.ENDED)
-    lifecycle.advance(RunState.RUNNING)
-    with pytest.raises(LifecycleError):
-        lifecycle.advance(RunState.PENDING)
-    lifecycle.advance(RunState.CLEANING)
-    lifecycle.advance(RunState.ENDED)
-    for state in RunState:
-        with pytest.raises(LifecycleError):
-            lifecycle.advance(state)
-
-
-def test_event_log_refuses_gaps_and_events_after_terminal() -> None:
-    log = EventLog()
-    log.append(RunStarted(run_id="r", session_id="s", seq=0))
-    with pytest.raises(LifecycleError):
-        log.append(RunStarted(run_id="r", session_id="s", seq=2))
-    log.append(RunCancelled(run_id="r", session_id="s", seq=1, reason=CancelReason.CLIENT_STOP))
-    with pytest.raises(LifecycleError):
-        log.append(RunStarted(run_id="r", session_id="s", seq=2))
