@@ -8,6 +8,7 @@ would silently cut a long answer at 60 s): a stream ends when its run does.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import attrs
 from quart import Response, jsonify, request
@@ -49,7 +50,9 @@ def app_state(app: QuartTrio) -> AppState:
 
 
 def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
-    app = QuartTrio("server")
+    # An explicit root path: Flask cannot derive one for a package found
+    # through an editable install's import hook.
+    app = QuartTrio(__name__, root_path=str(Path(__file__).parent))
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     state = AppState(
         settings=settings,
