@@ -11,4 +11,5 @@ from .manager import SessionManager as SessionManager
 from .run import Run as Run
 from .session import Draining as Draining
 from .session import Session as Session
+from .session import SessionClosed as SessionClosed
 from .session import SessionKey as SessionKey

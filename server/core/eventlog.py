@@ -29,6 +29,10 @@ class EventLog:
         return len(self._events)
 
     @property
+    def last(self) -> RunEvent | None:
+        return self._events[-1] if self._events else None
+
+    @property
     def closed(self) -> bool:
         """True once the terminal event is in: nothing may follow it."""
         return bool(self._events) and self._events[-1].terminal

@@ -83,7 +83,15 @@ class UsageReport:
     usage: Usage
 
 
-AgentOutput = TextDelta | FullMessage | UsageReport
+@attrs.frozen
+class StopReason:
+    """Why the model stopped (``stop``, ``length``, ``content_filter``...):
+    reported on ``run.completed`` and as the OpenAI ``finish_reason``."""
+
+    reason: str
+
+
+AgentOutput = TextDelta | FullMessage | UsageReport | StopReason
 
 
 # --- what runs publish ------------------------------------------------------
@@ -121,6 +129,7 @@ class RunCompleted(_RunEvent):
     type: ClassVar[str] = "run.completed"
     terminal: ClassVar[bool] = True
     usage: Usage | None = None
+    finish_reason: str = "stop"
 
 
 @attrs.frozen(kw_only=True)

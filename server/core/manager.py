@@ -7,7 +7,7 @@ per session; each session owns its runs. Nothing the manager starts outlives
 
 Shutdown: :meth:`drain` stops admitting runs (:class:`Draining`), lets live
 runs finish for up to the drain timeout, then cancels the rest with reason
-``shutdown`` and waits for their bounded cleanup. :meth:`close` does the
+``shutdown`` and waits for their bounded cleanup. :meth:`aclose` does the
 same without the grace period and ends ``serve``.
 """
 
@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 
 import attrs
 import trio
@@ -25,11 +23,11 @@ from .agent import Agent, AgentRequest
 from .coordinator import Coordinator, InProcessCoordinator
 from .events import CancelReason
 from .run import NullObserver, Run, RunObserver
-from .session import Draining, LiveRuns, Session, SessionKey
+from .session import Draining, LiveRuns, Session, SessionClosed, SessionKey
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Draining", "EngineConfig", "SessionManager"]
+__all__ = ["Draining", "EngineConfig", "SessionClosed", "SessionManager"]
 
 
 @attrs.frozen(kw_only=True)
@@ -54,6 +52,8 @@ class SessionManager:
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _closing: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # Sessions whose ownership the coordinator granted (and must get back).
+    _coordinated: set[Session] = attrs.field(factory=set, init=False)
 
     @property
     def draining(self) -> bool:
@@ -81,22 +81,20 @@ class SessionManager:
     async def submit(self, principal: str, session_id: str | None, request: AgentRequest) -> Run:
         """Start a run in ``(principal, session_id)``'s session, superseding
         its current run. ``session_id=None`` makes a session of its own,
-        dropped as soon as it is idle."""
+        dropped as soon as it is idle.
+
+        Raises :class:`Draining` while shutting down, :class:`SessionClosed`
+        if the session failed to start while this submission waited."""
         if self.draining:
             raise Draining
         ephemeral = session_id is None
         key = SessionKey(
             principal, session_id if session_id is not None else ephemeral_session_id()
         )
-        async with self._use_session(key, ephemeral=ephemeral) as session:
-            return await session.submit(request)
-
-    def find_session(self, principal: str, session_id: str) -> Session | None:
-        return self._sessions.get(SessionKey(principal, session_id))
-
-    @asynccontextmanager
-    async def _use_session(self, key: SessionKey, *, ephemeral: bool) -> AsyncIterator[Session]:
+        # Find or make the session and take our place in its line in one
+        # synchronous step: that fixes the order submissions are served in.
         session = self._sessions.get(key)
+        created = session is None
         if session is None:
             session = Session(
                 key=key,
@@ -107,28 +105,35 @@ class SessionManager:
                 observer=self.observer,
                 on_dropped=self._forget,
             )
-            # In the table (and counted as used) before the first await, so a
-            # concurrent submit for the same key finds this session.
             self._sessions[key] = session
-            session.acquire()
-            assert self._nursery is not None
-            try:
-                await self.coordinator.acquire(key)
-                await self._nursery.start(session.serve)
-            except BaseException:
-                session.release()
-                raise
-        else:
-            session.acquire()
+        ticket = session.admit()
         try:
-            yield session
+            if created:
+                await self._start_session(session)
+            return await session.submit(request, ticket)
         finally:
-            session.release()
+            session.leave(ticket)
+
+    def find_session(self, principal: str, session_id: str) -> Session | None:
+        return self._sessions.get(SessionKey(principal, session_id))
+
+    async def _start_session(self, session: Session) -> None:
+        assert self._nursery is not None
+        try:
+            await self.coordinator.acquire(session.key)
+            self._coordinated.add(session)
+            await self._nursery.start(session.serve)
+        except BaseException:
+            # Wakes anyone already waiting on it; they get SessionClosed.
+            session.close()
+            raise
 
     def _forget(self, session: Session) -> None:
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
-        self.coordinator.release(session.key)
+        if session in self._coordinated:
+            self._coordinated.discard(session)
+            self.coordinator.release(session.key)
 
     # --- shutting down -----------------------------------------------------
 

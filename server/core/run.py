@@ -44,6 +44,7 @@ from .events import (
     RunMessage,
     RunStarted,
     RunStatus,
+    StopReason,
     TerminalEvent,
     TextDelta,
     Usage,
@@ -102,6 +103,7 @@ class Run:
     cancel_reason: CancelReason | None = attrs.field(default=None, init=False)
     error: ErrorInfo | None = attrs.field(default=None, init=False)
     usage: Usage | None = attrs.field(default=None, init=False)
+    finish_reason: str = attrs.field(default="stop", init=False)
     started_at: float | None = attrs.field(default=None, init=False)
     ended_at: float | None = attrs.field(default=None, init=False)
     subscriber_count: int = attrs.field(default=0, init=False)
@@ -133,7 +135,7 @@ class Run:
 
     @property
     def terminal(self) -> TerminalEvent | None:
-        last = self.log.events[-1] if len(self.log) else None
+        last = self.log.last
         return last if last is not None and last.terminal else None  # type: ignore[return-value]
 
     @property
@@ -146,18 +148,19 @@ class Run:
     def cancel(self, reason: CancelReason) -> bool:
         """Ask the run to stop; the first reason wins. Synchronous, so it is
         safe in a ``finally`` of a cancelled task. Returns whether this call
-        was the one that stopped the run (False once the agent has finished
-        or the run was already cancelled)."""
-        if self.cancel_reason is not None or self.lifecycle.state not in (
-            RunState.PENDING,
-            RunState.RUNNING,
-        ):
+        stopped the run: False once the agent's output is complete (the run
+        then completes) or the run was already cancelled."""
+        if self.cancel_reason is not None:
             return False
         if self.lifecycle.state is RunState.RUNNING and not self._producing:
             return False
+        if self.lifecycle.state not in (RunState.PENDING, RunState.RUNNING):
+            return False
         self.cancel_reason = reason
         self._cancel_scope.cancel()
-        lifecycle_event("stream_cancelled", trace=self.run_id, reason=reason.value)
+        if self.lifecycle.state is RunState.RUNNING:
+            # A pending run logs this right after its stream_start instead.
+            lifecycle_event("stream_cancelled", trace=self.run_id, reason=reason.value)
         return True
 
     async def wait_ended(self) -> None:
@@ -180,6 +183,8 @@ class Run:
         self._producing = True
         self.log.append(RunStarted(**self._envelope()))
         lifecycle_event("stream_start", trace=self.run_id, session=self.session_id)
+        if self.cancel_reason is not None:
+            lifecycle_event("stream_cancelled", trace=self.run_id, reason=self.cancel_reason.value)
         task_status.started()
         finished = False
         try:
@@ -188,6 +193,9 @@ class Run:
                     send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
                     nursery.start_soon(self._drive_agent, send_channel)
                     await self._pump(receive_channel)
+                    # The agent's output is complete: from here on a cancel
+                    # is too late and the run completes.
+                    self._producing = False
                 finished = True
         except Exception:
             logger.exception("run %s: engine failure", self.run_id)
@@ -202,12 +210,21 @@ class Run:
                 lifecycle_event("stream_cancelled", trace=self.run_id, reason="shutdown")
             status = self._final_status()
             with trio.move_on_after(self.cleanup_budget, shield=True) as cleanup:
-                await self.observer.run_ended(self, status)
+                try:
+                    await self.observer.run_ended(self, status)
+                except Exception:
+                    logger.exception("run %s: observer failed in cleanup", self.run_id)
             if cleanup.cancelled_caught:
                 logger.warning(
                     "cleanup_budget_exceeded trace=%s budget_s=%s", self.run_id, self.cleanup_budget
                 )
-            self._end(status)
+            try:
+                self._end(status)
+            finally:
+                # Whatever happened above, waiters (the next submit, a drain)
+                # must not wait forever.
+                self._ended.set()
+                self.on_ended(self)
 
     async def _drive_agent(self, send_channel: trio.MemorySendChannel[AgentOutput]) -> None:
         async with send_channel:
@@ -231,6 +248,8 @@ class Run:
                         self._message = text
                     case UsageReport(usage=usage):
                         self.usage = usage
+                    case StopReason(reason=reason):
+                        self.finish_reason = reason
 
     # --- ending ------------------------------------------------------------
 
@@ -248,7 +267,9 @@ class Run:
         nothing can slip between them."""
         if status is RunStatus.COMPLETED:
             self.log.append(RunMessage(**self._envelope(), text=self.text))
-            self.log.append(RunCompleted(**self._envelope(), usage=self.usage))
+            self.log.append(
+                RunCompleted(**self._envelope(), usage=self.usage, finish_reason=self.finish_reason)
+            )
         elif status is RunStatus.FAILED:
             assert self.error is not None
             self.log.append(RunFailed(**self._envelope(), error=self.error))
@@ -266,8 +287,6 @@ class Run:
             events=len(self.log),
             duration_ms=round((self.ended_at - self.started_at) * 1000),
         )
-        self._ended.set()
-        self.on_ended(self)
 
     def _envelope(self) -> _Envelope:
         return {"run_id": self.run_id, "session_id": self.session_id, "seq": len(self.log)}

@@ -4,10 +4,10 @@ Rules (each is what invariant 1 of the design rests on):
 
 Rule 1: a session's runs live in the session's own nursery, started with
         ``nursery.start`` so the submitter knows the run is registered.
-Rule 2: submissions are serialised by a FIFO lock (``trio.Lock`` is fair):
-        the order in which submitters acquire it is the order they were
-        admitted, and the last admitted prompt is the one left running.
-Rule 3: under the lock, the current run is cancelled with a reason and its
+Rule 2: submissions are serialised by a FIFO turnstile whose place in line
+        is taken synchronously on admission: the order of admission is the
+        order of service, and the last admitted prompt is the one left running.
+Rule 3: in its turn, the current run is cancelled with a reason and its
         cleanup is *awaited* before the next run starts. There is no timeout
         after which the next run starts anyway; the wait is bounded by the
         run's own cleanup budget instead.
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 
 import attrs
@@ -64,6 +65,38 @@ class LiveRuns:
             await self._changed.wait()
 
 
+class SessionClosed(Exception):
+    """The session went away (it failed to start) while a submission waited
+    for it; the submission may be retried."""
+
+
+@attrs.define(eq=False)
+class Turnstile:
+    """A FIFO lock whose place in line is taken synchronously.
+
+    ``trio.Lock`` is fair among tasks already waiting on it, but a task only
+    joins its line at its first checkpoint inside ``acquire``. Submissions
+    take their ticket at the synchronous moment they are admitted, so the
+    order of admission is the order of service, whatever the scheduler does
+    in between."""
+
+    _line: deque[trio.Event] = attrs.field(factory=deque)
+
+    def enter(self) -> trio.Event:
+        ticket = trio.Event()
+        self._line.append(ticket)
+        if len(self._line) == 1:
+            ticket.set()
+        return ticket
+
+    def leave(self, ticket: trio.Event) -> None:
+        """Give up the turn (or the place in line, if the turn never came)."""
+        was_head = self._line[0] is ticket
+        self._line.remove(ticket)
+        if was_head and self._line:
+            self._line[0].set()
+
+
 @attrs.define(eq=False)
 class Session:
     key: SessionKey
@@ -72,14 +105,15 @@ class Session:
     idle_timeout: float
     live_runs: LiveRuns = attrs.field(factory=LiveRuns)
     observer: RunObserver = attrs.field(factory=NullObserver)
-    # Called (synchronously) when serve returns: the session is dropped.
+    # Called (synchronously, once) when the session closes: it is dropped.
     on_dropped: Callable[[Session], None] = attrs.field(default=lambda session: None)
 
     current: Run | None = attrs.field(default=None, init=False)
     users: int = attrs.field(default=0, init=False)
+    closed: bool = attrs.field(default=False, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _ready: trio.Event = attrs.field(factory=trio.Event, init=False)
-    _lock: trio.Lock = attrs.field(factory=trio.Lock, init=False)
+    _turnstile: Turnstile = attrs.field(factory=Turnstile, init=False)
     _changed: trio.Event = attrs.field(factory=trio.Event, init=False)
     _idle_since: float = attrs.field(default=-math.inf, init=False)
 
@@ -100,8 +134,9 @@ class Session:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the session's runs until it has been idle for ``idle_timeout``.
 
-        Returns (and so releases the session) only while idle; the caller
-        removes it from the session table in the same step."""
+        Error handling: an engine bug in one of its runs ends this session
+        (its other runs are cancelled and end ``interrupted``), is logged,
+        and leaves every other session alone."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -109,77 +144,105 @@ class Session:
                 self._ready.set()
                 task_status.started()
                 await self._wait_idle_expired()
+        except Exception:
+            logger.exception("session %s failed and was dropped", self.session_id)
         finally:
-            # No await between the idle check and this: no submit can reach
-            # a session that is being dropped.
-            self.on_dropped(self)
+            self.close()
 
     async def _wait_idle_expired(self) -> None:
         while True:
             changed = self._changed
             if self.idle:
-                with trio.move_on_at(self._idle_since + self.idle_timeout) as idle_wait:
-                    await changed.wait()
-                if idle_wait.cancelled_caught:
+                deadline = self._idle_since + self.idle_timeout
+                if trio.current_time() >= deadline:
+                    # Dropped in the same step as the idle check: a submit
+                    # either admitted itself before (so we are not idle) or
+                    # finds no session and makes a new one.
+                    self.close()
                     return
+                with trio.move_on_at(deadline):
+                    await changed.wait()
             else:
                 await changed.wait()
+
+    def close(self) -> None:
+        """Refuse new submissions and leave the session table (idempotent)."""
+        if not self.closed:
+            self.closed = True
+            self._ready.set()
+            self.on_dropped(self)
 
     def _touch(self) -> None:
         self._idle_since = trio.current_time()
         self._changed.set()
         self._changed = trio.Event()
 
-    # --- users ---------------------------------------------------------------
+    # --- runs ----------------------------------------------------------------
 
-    def acquire(self) -> None:
+    def admit(self) -> trio.Event:
+        """Take a submission's place in line and count it as a user.
+
+        Synchronous: the order of these calls is the order in which
+        submissions are served, so the last admitted prompt wins."""
+        if self.closed:
+            raise SessionClosed
         self.users += 1
         self._touch()
+        return self._turnstile.enter()
 
-    def release(self) -> None:
+    def leave(self, ticket: trio.Event) -> None:
+        self._turnstile.leave(ticket)
         self.users -= 1
         self._touch()
 
-    # --- runs ----------------------------------------------------------------
-
-    async def submit(self, request: AgentRequest) -> Run:
-        """Start a run for ``request``, superseding the current one.
+    async def submit(self, request: AgentRequest, ticket: trio.Event) -> Run:
+        """Start a run for ``request`` once ``ticket``'s turn comes,
+        superseding the current run and awaiting its cleanup first.
 
         Returns once the new run has published ``run.started``. Raises
         :class:`Draining` if the server stopped admitting runs while this
         submission waited its turn."""
         await self._ready.wait()
-        async with self._lock:
-            if self.live_runs.draining:
-                raise Draining
-            previous = self.current
-            if previous is not None and not previous.ended:
-                wait_started = trio.current_time()
-                previous.cancel(CancelReason.SUPERSEDED)
-                await previous.wait_ended()
-                lifecycle_event(
-                    "prev_stream_finished_cleanly",
-                    session=self.session_id,
-                    trace=previous.run_id,
-                    waited_ms=round((trio.current_time() - wait_started) * 1000),
-                )
-                if self.live_runs.draining:
-                    # Shutdown began while we waited: admit nothing new.
-                    raise Draining
-            run = Run(
-                session_id=self.session_id,
-                request=request,
-                agent=self.agent,
-                cleanup_budget=self.cleanup_budget,
-                observer=self.observer,
-                on_subscribers_changed=self._touch,
-                on_ended=self._run_ended,
+        if self.closed:
+            raise SessionClosed
+        await ticket.wait()
+        if self.live_runs.draining:
+            raise Draining
+        previous = self.current
+        if previous is not None and not previous.ended:
+            wait_started = trio.current_time()
+            previous.cancel(CancelReason.SUPERSEDED)
+            await previous.wait_ended()
+            lifecycle_event(
+                "prev_stream_finished_cleanly",
+                session=self.session_id,
+                trace=previous.run_id,
+                waited_ms=round((trio.current_time() - wait_started) * 1000),
             )
-            assert self._nursery is not None
-            self.current = run
-            self.live_runs.add(run)
+            if self.live_runs.draining:
+                # Shutdown began while we waited: admit nothing new.
+                raise Draining
+        run = Run(
+            session_id=self.session_id,
+            request=request,
+            agent=self.agent,
+            cleanup_budget=self.cleanup_budget,
+            observer=self.observer,
+            on_subscribers_changed=self._touch,
+            on_ended=self._run_ended,
+        )
+        assert self._nursery is not None
+        # Registered before the first checkpoint, so a drain that starts now
+        # finds (and cancels) it.
+        self.current = run
+        self.live_runs.add(run)
+        try:
             await self._nursery.start(run.run)
-            return run
+        except BaseException:
+            self.live_runs.discard(run)
+            self.current = previous
+            raise
+        return run
 
     def _run_ended(self, run: Run) -> None:
         self.live_runs.discard(run)

@@ -14,6 +14,7 @@ from server.agents.scripted import ScriptedAgent
 from server.core import AgentError, AgentRequest, CancelReason, EngineConfig, SessionManager
 from server.core.agent import Agent
 from server.core.events import RunCancelled, RunFailed, RunInterrupted, RunStatus
+from server.core.lifecycle import RunState
 from server.core.run import Run, RunObserver
 from tests.helpers import (
     AliveProbe,
@@ -326,3 +327,151 @@ async def test_closing_the_manager_interrupts_live_runs(
     assert isinstance(run.terminal, RunInterrupted)
     assert run.terminal.reason is CancelReason.SHUTDOWN
     assert_well_formed(run.log.events)
+
+
+class QuickAgent:
+    name = "quick"
+
+    async def run(
+        self, request: AgentRequest, send_channel: trio.MemorySendChannel[object]
+    ) -> None:
+        from server.core.events import TextDelta
+
+        await send_channel.send(TextDelta(request.prompt))
+
+
+async def test_submit_at_the_idle_deadline_is_served_and_drain_finishes(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    manager = await open_manager(nursery, QuickAgent(), idle_timeout=10)  # type: ignore[arg-type]
+    first = await manager.submit(PRINCIPAL, "s1", ask("A"))
+    await first.wait_ended()
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep_until(first.ended_at + 10)  # type: ignore[operator]
+    second = await manager.submit(PRINCIPAL, "s1", ask("B"))
+    await second.wait_ended()
+    assert second.status is RunStatus.COMPLETED
+    with trio.fail_after(60):
+        await manager.drain(grace_period=0)
+    assert manager.live_runs.runs == set()
+
+
+async def test_later_prompt_wins_while_the_session_is_being_created(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    manager = await open_manager(nursery, ScriptedAgent(token_delay=1.0, reply_words=5))
+    runs: dict[str, Run] = {}
+
+    async def submit(prompt: str) -> None:
+        runs[prompt] = await manager.submit(PRINCIPAL, "new", ask(prompt))
+
+    async with trio.open_nursery() as submitters:
+        submitters.start_soon(submit, "first")
+        # "second" is admitted while "first" is still creating the session.
+        while manager.find_session(PRINCIPAL, "new") is None:
+            await trio.lowlevel.checkpoint()
+        submitters.start_soon(submit, "second")
+    for run in runs.values():
+        await run.wait_ended()
+    assert runs["first"].status is RunStatus.CANCELLED
+    assert runs["second"].status is RunStatus.COMPLETED
+
+
+class FailingObserver:
+    async def run_ended(self, run: Run, status: RunStatus) -> None:
+        raise OSError("database is down")
+
+
+async def test_observer_failure_is_logged_and_the_run_still_ends(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    manager = await open_manager(
+        nursery, ScriptedAgent(token_delay=0.1, reply_words=3), FailingObserver()
+    )
+    run = await manager.submit(PRINCIPAL, "s1", ask("A"))
+    await run.wait_ended()
+    assert run.status is RunStatus.COMPLETED
+    assert_well_formed(run.log.events)
+    assert "observer failed" in caplog.text
+    again = await manager.submit(PRINCIPAL, "s1", ask("B"))
+    await again.wait_ended()
+    assert again.status is RunStatus.COMPLETED
+
+
+class RefusingCoordinator:
+    async def acquire(self, key: object) -> None:
+        await trio.sleep(1)
+        raise ConnectionError("coordinator unreachable")
+
+    def release(self, key: object) -> None:
+        raise AssertionError("released a session it never granted")
+
+
+async def test_session_that_fails_to_start_wakes_its_waiters(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    from server.core import SessionClosed
+
+    async with trio.open_nursery() as nursery:
+        manager = SessionManager(agent=QuickAgent(), coordinator=RefusingCoordinator())  # type: ignore[arg-type]
+        await nursery.start(manager.serve)
+        outcomes: list[str] = []
+
+        async def submit() -> None:
+            try:
+                await manager.submit(PRINCIPAL, "s1", ask("A"))
+            except ConnectionError:
+                outcomes.append("creator failed")
+            except SessionClosed:
+                outcomes.append("waiter told")
+
+        async with trio.open_nursery() as submitters:
+            submitters.start_soon(submit)
+            while manager.find_session(PRINCIPAL, "s1") is None:
+                await trio.lowlevel.checkpoint()
+            submitters.start_soon(submit)
+        assert sorted(outcomes) == ["creator failed", "waiter told"]
+        assert manager.sessions == {}
+        await manager.aclose()
+
+
+async def test_cancel_after_the_agent_finished_is_too_late(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+) -> None:
+    manager = await open_manager(nursery, ScriptedAgent(token_delay=1.0, reply_words=2))
+    run = await manager.submit(PRINCIPAL, "s1", ask("A"))
+    with run.subscribe() as subscription:
+        while "run.message" not in [event.type for event in subscription.take()]:
+            if run.lifecycle.state is RunState.CLEANING:
+                break
+            await subscription.wait()
+    # Completed already, or at least past the agent: stopping it now changes nothing.
+    assert run.cancel(CancelReason.CLIENT_STOP) is False
+    await run.wait_ended()
+    assert run.status is RunStatus.COMPLETED
+
+
+async def test_engine_failure_in_one_session_leaves_the_others_serving(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    real_end = Run._end
+
+    def broken_end(self: Run, status: RunStatus) -> None:
+        if self.request.prompt == "bug":
+            raise LookupError("engine bug")
+        real_end(self, status)
+
+    monkeypatch.setattr(Run, "_end", broken_end)
+    manager = await open_manager(nursery, ScriptedAgent(token_delay=1.0, reply_words=5))
+    healthy = await manager.submit(PRINCIPAL, "healthy", ask("fine"))
+    broken = await manager.submit(PRINCIPAL, "broken", ask("bug"))
+    await broken.wait_ended()
+    await healthy.wait_ended()
+    await trio.testing.wait_all_tasks_blocked()
+    assert healthy.status is RunStatus.COMPLETED
+    assert "session broken failed and was dropped" in caplog.text
+    assert manager.find_session(PRINCIPAL, "broken") is None
+    assert manager.live_runs.runs == set()
