@@ -1,10 +1,12 @@
 """``hypercorn -k trio server.app:app``: the app configured from
 ``STREAM_SERVER_*`` environment variables.
 
-Under plain Hypercorn, SIGTERM closes connections before our drain can run
-(see :mod:`server.launcher`); runs still end with reason ``shutdown`` in the
-lifespan shutdown, but their clients may not see the terminal frame.
-``python -m server`` drains properly."""
+Under plain Hypercorn, SIGTERM closes connections (after its
+``graceful_timeout``) before our drain can run (see :mod:`server.launcher`):
+runs that still have a reader end ``cancelled`` with reason
+``client_disconnect`` when their connection is cut, runs without one end
+``interrupted`` with reason ``shutdown`` in the lifespan shutdown, and clients
+see no terminal frame. ``python -m server`` drains properly."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ from functools import partial
 
 import trio
 
-from .agents import AGENT_NAMES, AgentConfigError, build_agent
+from .agents import AGENT_NAMES, AgentConfigError, check_agent_settings
 from .logs import configure_logging
 from .settings import DEV_KEY, Settings
 
@@ -45,7 +45,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     option("--host", str, defaults.host, "address to bind")
     option("--port", int, defaults.port, "port to bind; 0 picks a free one")
-    option("--agent", str, defaults.agent, f"agent backend: {', '.join(AGENT_NAMES)}")
+    option(
+        "--agent",
+        str,
+        defaults.agent,
+        f"agent backend: {', '.join(AGENT_NAMES)}, or module:factory for a custom one",
+    )
     option("--token-delay", float, defaults.token_delay, "scripted agent: seconds between tokens")
     option("--reply-words", int, defaults.reply_words, "scripted agent: words per reply")
     option(
@@ -63,6 +68,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--max-body-bytes", int, defaults.max_body_bytes, "largest request body accepted")
     option("--log-level", str, defaults.log_level, "debug, info, warning or error")
+    option("--model", str, defaults.model, "upstream agents: the model to ask")
+    option("--ollama-url", str, defaults.ollama_url, "ollama agent: base URL")
+    option("--upstream-url", str, defaults.upstream_url, "openai agents: base URL (with /v1)")
+    option("--upstream-key", str, defaults.upstream_key, "openai agents: upstream API key")
+    option(
+        "--upstream-timeout",
+        float,
+        defaults.upstream_timeout,
+        "upstream agents: seconds of upstream silence before upstream_timeout",
+    )
+    option("--connect-timeout", float, defaults.connect_timeout, "upstream agents: connect timeout")
+    option("--thread-limit", int, defaults.thread_limit, "blocking agents: worker threads at once")
     env_keys = [key for key in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if key.strip()]
     parser.add_argument(
         "--api-key",
@@ -98,10 +115,15 @@ def parse_settings(
             drain_timeout=args.drain_timeout,
             max_body_bytes=args.max_body_bytes,
             log_level=args.log_level,
+            model=args.model,
+            ollama_url=args.ollama_url,
+            upstream_url=args.upstream_url,
+            upstream_key=args.upstream_key,
+            upstream_timeout=args.upstream_timeout,
+            connect_timeout=args.connect_timeout,
+            thread_limit=args.thread_limit,
         )
-        build_agent(
-            settings.agent, token_delay=settings.token_delay, reply_words=settings.reply_words
-        )
+        check_agent_settings(settings)
     except (AgentConfigError, ValueError) as exc:
         parser.error(str(exc))
     if settings.uses_dev_key and not settings.binds_loopback_only:

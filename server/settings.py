@@ -27,6 +27,15 @@ class Settings:
     drain_timeout: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
     max_body_bytes: int = attrs.field(default=MiB, validator=attrs.validators.gt(0))
     log_level: str = "info"
+    # Upstream agents (ollama, openai, openai-asyncio).
+    model: str | None = None
+    ollama_url: str = "http://127.0.0.1:11434"
+    upstream_url: str = "https://api.openai.com/v1"
+    upstream_key: str | None = None
+    upstream_timeout: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
+    connect_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    # Blocking agents: worker threads at once.
+    thread_limit: int = attrs.field(default=16, validator=attrs.validators.ge(1))
 
     @property
     def uses_dev_key(self) -> bool:

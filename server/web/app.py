@@ -22,10 +22,11 @@ from ..core.run import Run
 from ..settings import Settings
 from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder
 from ..wire.openai import completion
+from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
 from .errors import ApiError, error_response, install_error_handlers
 from .requests import ChatRequest, parse_chat_request, parse_session_id
-from .streaming import stream_run, wait_for_end
+from .streaming import RunStream, wait_for_end
 
 NDJSON = "application/x-ndjson"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -53,13 +54,11 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     # An explicit root path: Flask cannot derive one for a package found
     # through an editable install's import hook.
     app = QuartTrio(__name__, root_path=str(Path(__file__).parent))
+    app.asgi_http_class = StreamingHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     state = AppState(
         settings=settings,
-        agent=agent
-        or build_agent(
-            settings.agent, token_delay=settings.token_delay, reply_words=settings.reply_words
-        ),
+        agent=agent or build_agent(settings),
         keyring=KeyRing(settings.accepted_keys),
     )
     app.extensions["stream_server"] = state
@@ -79,6 +78,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     async def stop_engine() -> None:
         if state.manager is not None:
             await state.manager.aclose()
+        aclose = getattr(state.agent, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
@@ -94,11 +96,16 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         headers = {"X-Run-Id": run.run_id, "X-Session-Id": run.session_id}
         if encoder is None:
             return await complete_once(run, model=model, headers=headers)
-        body = stream_run(run, encoder, heartbeat_interval=settings.heartbeat_interval)
+        stream = RunStream(run, encoder, heartbeat_interval=settings.heartbeat_interval)
         response = app.response_class(
-            body, content_type=encoder.media_type, headers={**STREAM_HEADERS, **headers}
+            # Quart-Trio streams async generators; anything else it iterates
+            # synchronously.
+            aiter(stream),
+            content_type=encoder.media_type,
+            headers={**STREAM_HEADERS, **headers},
         )
         response.timeout = None
+        response.run_stream = stream  # type: ignore[attr-defined]  # closed by StreamingHTTPConnection
         return response
 
     return app
@@ -132,7 +139,9 @@ def negotiate(chat: ChatRequest, *, model: str) -> FrameEncoder | None:
 async def complete_once(run: Run, *, model: str, headers: dict[str, str]) -> Response:
     terminal = await wait_for_end(run)
     if isinstance(terminal, RunFailed):
-        return error_response(502, terminal.error.code, terminal.error.message, headers)
+        # The agent's or upstream's failure is a bad gateway; our own is a 500.
+        status = 500 if terminal.error.code == "internal_error" else 502
+        return error_response(status, terminal.error.code, terminal.error.message, headers)
     body = completion(
         run.run_id, created=int(time.time()), model=model, text=run.text, terminal=terminal
     )

@@ -12,6 +12,8 @@ import attrs
 
 from .errors import ApiError
 
+CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
 
 def principal_of(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -26,7 +28,9 @@ class KeyRing:
         scheme, _, presented = (authorization or "").partition(" ")
         presented = presented.strip()
         if scheme.lower() != "bearer" or not presented:
-            raise ApiError(401, "unauthorized", "Send 'Authorization: Bearer <api key>'.")
+            raise ApiError(
+                401, "unauthorized", "Send 'Authorization: Bearer <api key>'.", headers=CHALLENGE
+            )
         # Compare against every key, each in constant time, so timing tells
         # neither which key nor how much of one matched.
         matched = None
@@ -34,5 +38,5 @@ class KeyRing:
             if hmac.compare_digest(presented.encode(), key.encode()):
                 matched = key
         if matched is None:
-            raise ApiError(401, "unauthorized", "The API key is not valid.")
+            raise ApiError(401, "unauthorized", "The API key is not valid.", headers=CHALLENGE)
         return principal_of(matched)

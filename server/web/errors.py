@@ -9,7 +9,7 @@ import logging
 from quart import Quart, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..core.session import Draining
+from ..core.session import Draining, SessionClosed
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,24 @@ def install_error_handlers(app: Quart) -> None:
             {"Retry-After": "5"},
         )
 
+    @app.errorhandler(SessionClosed)
+    async def _session_closed(error: SessionClosed) -> Response:  # noqa: ASYNC124
+        return error_response(
+            503,
+            "session_unavailable",
+            "The session could not be started; retry the request.",
+            {"Retry-After": "1"},
+        )
+
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:  # noqa: ASYNC124
         status = error.code or 500
         code, message = _HTTP_CODES.get(status, ("http_error", "The request failed."))
-        return error_response(status, code, message)
+        # Keep the headers the status needs (Allow on a 405), not the body's.
+        headers = {
+            name: value for name, value in error.get_headers() if name.lower() != "content-type"
+        }
+        return error_response(status, code, message, headers)
 
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:  # noqa: ASYNC124

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import re
+import typing
 from typing import Any, Literal
 
 import attrs
 import cattrs
+import cattrs.cols
+import cattrs.gen
 
 from ..core.agent import AgentRequest, ChatTurn
 from .errors import ApiError
@@ -70,12 +73,45 @@ class ChatRequest:
         return AgentRequest(prompt=prompt, messages=turns, model=self.model)
 
 
+class _WrongType(TypeError):
+    """Raised by our hooks; its text is ours and safe to show to clients."""
+
+
+_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer"}
+
+
 def _strict(expected: type) -> Any:
     def structure(value: Any, _type: Any) -> Any:
         # bool is an int in Python; neither may stand in for the other here.
         if type(value) is not expected:
-            raise TypeError(f"expected {expected.__name__}")
+            raise _WrongType(f"expected {_TYPE_NAMES[expected]}")
         return value
+
+    return structure
+
+
+def _is_list_type(type_: Any) -> bool:
+    return typing.get_origin(type_) is list
+
+
+def _strict_list(list_type: Any, converter: cattrs.BaseConverter) -> Any:
+    structure_items = cattrs.cols.list_structure_factory(list_type, converter)
+
+    def structure(value: Any, type_: Any) -> Any:
+        if not isinstance(value, list):  # a string is iterable, but not a list
+            raise _WrongType("expected a list")
+        return structure_items(value, type_)
+
+    return structure
+
+
+def _strict_object(cls: Any, converter: cattrs.BaseConverter) -> Any:
+    structure_fields = cattrs.gen.make_dict_structure_fn(cls, converter)
+
+    def structure(value: Any, type_: Any) -> Any:
+        if not isinstance(value, dict):
+            raise _WrongType("expected an object")
+        return structure_fields(value, type_)
 
     return structure
 
@@ -85,12 +121,31 @@ def _content(value: Any, _type: Any) -> str | list[TextPart] | None:
         return value
     if isinstance(value, list):
         return _converter.structure(value, list[TextPart])
-    raise TypeError("expected a string or a list of content parts")
+    raise _WrongType("expected a string or a list of content parts")
+
+
+def _describe(exc: BaseException, type_: Any) -> str:
+    """Client-facing wording for one validation failure: fixed phrases, never
+    the exception's own text (which can quote internals)."""
+    if isinstance(exc, _WrongType):
+        return str(exc)
+    if isinstance(exc, KeyError):
+        return "required field missing"
+    candidates = typing.get_args(type_) if typing.get_origin(type_) is not Literal else (type_,)
+    choices = [
+        repr(choice)
+        for candidate in candidates
+        if typing.get_origin(candidate) is Literal
+        for choice in typing.get_args(candidate)
+    ]
+    return "expected one of " + ", ".join(choices) if choices else "invalid value"
 
 
 _converter = cattrs.Converter(forbid_extra_keys=False)
 for _type in (str, bool, int):
     _converter.register_structure_hook(_type, _strict(_type))
+_converter.register_structure_hook_factory(_is_list_type, _strict_list)
+_converter.register_structure_hook_factory(attrs.has, _strict_object)
 _converter.register_structure_hook(str | list[TextPart] | None, _content)
 
 
@@ -103,11 +158,9 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         raise ApiError(422, "invalid_request", "The request body must be a JSON object.")
     try:
         return _converter.structure(raw, ChatRequest)
-    except (cattrs.BaseValidationError, TypeError, ValueError) as exc:
-        problems = (
-            cattrs.transform_error(exc) if isinstance(exc, cattrs.BaseValidationError) else []
-        )
-        detail = "; ".join(problems[:5]) or "wrong field types"
+    except cattrs.BaseValidationError as exc:
+        problems = cattrs.transform_error(exc, format_exception=_describe)
+        detail = "; ".join(problems[:5])
         raise ApiError(422, "invalid_request", f"Invalid request: {detail}.") from None
 
 

@@ -1,48 +1,68 @@
 """Response bodies that read a run; the run itself lives elsewhere.
 
-These async generators only read from a run's event log (they never hold a
-nursery or a cancel scope across a ``yield``), so the response can be
-abandoned at any point without leaving anything behind. Their ``finally``
-blocks are synchronous: Quart closes a generator with ``aclose()`` when the
-client goes away, and a cancelled task may not await.
+Bodies only read from a run's event log (they never hold a nursery or a
+cancel scope across a ``yield``), so a response can be abandoned at any
+point without leaving anything behind. Their ``finally`` blocks are
+synchronous: Quart closes a body with ``aclose()`` when the client goes
+away, and a cancelled task may not await.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import attrs
 import trio
 
+from ..core.eventlog import Subscription
 from ..core.events import CancelReason, TerminalEvent
 from ..core.run import Run
 from ..wire import FrameEncoder
 
 
-async def stream_run(
-    run: Run, encoder: FrameEncoder, *, heartbeat_interval: float, after: int = -1
-) -> AsyncIterator[bytes]:
-    """Frames for ``run``: every pending event in one frame, a heartbeat when
-    the run has been silent for ``heartbeat_interval``, and nothing after the
-    terminal event.
+@attrs.define(eq=False)
+class RunStream:
+    """A response body that reads one run.
 
-    If the body is abandoned before the terminal event went out, the client
-    is gone: the run is cancelled with reason ``client_disconnect``."""
-    # Subscribed inside the body, so a body that never starts holds nothing.
-    subscription = run.subscribe(after=after).open()
-    try:
-        while not subscription.finished:
-            batch = subscription.take()
-            if batch:
-                yield encoder.encode(batch)
-                continue
-            with trio.move_on_after(heartbeat_interval) as silence:
-                await subscription.wait()
-            if silence.cancelled_caught:
-                yield encoder.heartbeat()
-    finally:
-        subscription.close()
-        if not subscription.finished:
-            run.cancel(CancelReason.CLIENT_DISCONNECT)
+    Iterating it yields frames: every pending event in one frame, a
+    heartbeat when the run has been silent for ``heartbeat_interval``, and
+    nothing after the terminal event. :meth:`close` (from the end of
+    iteration, or from the ASGI layer when the body was never iterated) tells
+    the run its reader is gone: if the terminal event was not delivered, the
+    client went away and the run is cancelled with ``client_disconnect``."""
+
+    run: Run
+    encoder: FrameEncoder
+    heartbeat_interval: float
+    after: int = -1
+    _subscription: Subscription = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._subscription = self.run.subscribe(after=self.after).open()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._frames()
+
+    async def _frames(self) -> AsyncIterator[bytes]:
+        subscription = self._subscription
+        try:
+            while not subscription.finished:
+                batch = subscription.take()
+                if batch:
+                    yield self.encoder.encode(batch)
+                    continue
+                with trio.move_on_after(self.heartbeat_interval) as silence:
+                    await subscription.wait()
+                if silence.cancelled_caught:
+                    yield self.encoder.heartbeat()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Synchronous and idempotent: safe in a cancelled task's ``finally``."""
+        self._subscription.close()
+        if not self._subscription.finished:
+            self.run.cancel(CancelReason.CLIENT_DISCONNECT)
 
 
 async def wait_for_end(run: Run) -> TerminalEvent:

@@ -7,7 +7,8 @@ A run that ends other than by completing still ends its chunks with a
 ============================  =================  ===========================
 terminal event                ``finish_reason``  extra field on that chunk
 ============================  =================  ===========================
-``run.completed``             ``stop``           none
+``run.completed``             ``stop`` (or the   none
+                              model's reason)
 ``run.cancelled``             ``cancelled``      ``"cancel_reason": reason``
 ``run.interrupted``           ``interrupted``    ``"cancel_reason": reason``
 ``run.failed``                ``error``          ``"error": {code, message}``
@@ -39,8 +40,8 @@ def completion_id(run_id: str) -> str:
 def finish_fields(terminal: TerminalEvent) -> dict[str, Any]:
     """``finish_reason`` and the extra fields for a run's final chunk."""
     match terminal:
-        case RunCompleted():
-            return {"finish_reason": "stop"}
+        case RunCompleted(finish_reason=finish_reason):
+            return {"finish_reason": finish_reason}
         case RunCancelled(reason=reason):
             return {"finish_reason": "cancelled", "cancel_reason": reason.value}
         case RunInterrupted(reason=reason):

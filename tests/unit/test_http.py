@@ -254,6 +254,39 @@ async def test_bad_input_gets_json_error_and_server_keeps_serving(
         assert again.status_code == 200
 
 
+async def test_error_responses_carry_the_headers_their_status_needs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as app:
+        client = app.test_client()
+        unauthorised = await client.post(PATH, json={"prompt": "x"})
+        assert unauthorised.headers["WWW-Authenticate"] == "Bearer"
+        wrong_method = await client.get(PATH, headers=AUTH)
+        assert wrong_method.status_code == 405
+        assert "POST" in wrong_method.headers["Allow"]
+        assert (await wrong_method.get_json())["error"]["code"] == "method_not_allowed"
+
+
+async def test_validation_messages_name_fields_without_internals(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as app:
+        client = app.test_client()
+        cases = {
+            b'{"prompt": "x", "stream_format": "foo"}': (
+                "expected one of 'openai', 'events' @ $.stream_format"
+            ),
+            b'{"prompt": "x", "stream_options": [1]}': "expected an object @ $.stream_options",
+            b'{"messages": "hello"}': "expected a list @ $.messages",
+        }
+        for body, detail in cases.items():
+            response = await client.post(PATH, headers=AUTH, data=body)
+            assert response.status_code == 422
+            message = (await response.get_json())["error"]["message"]
+            assert detail in message
+            assert "typing" not in message and "server." not in message
+
+
 async def test_unknown_path_is_a_json_404(autojump_clock: trio.testing.MockClock) -> None:
     async with serving() as app:
         response = await app.test_client().get("/nope")
@@ -283,3 +316,55 @@ async def test_configured_keys_replace_the_dev_key(autojump_clock: trio.testing.
                 PATH, headers={"Authorization": f"Bearer {key}"}, json={"prompt": "x"}
             )
             assert response.status_code == 200
+
+
+async def test_client_gone_before_the_first_body_write_still_cancels_the_run(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Drives the ASGI app directly: the client disconnects while the server
+    is still sending the response headers, so the body is never iterated."""
+    async with serving(token_delay=1.0, reply_words=50) as app:
+        headers_sent = trio.Event()
+        client_gone = trio.Event()
+        body = json.dumps({"prompt": "hi", "stream": True}).encode()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict[str, object]:
+            if messages:
+                return messages.pop()
+            await client_gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, object]) -> None:
+            if message["type"] == "http.response.start":
+                headers_sent.set()
+                await trio.sleep_forever()  # the client never takes them
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": PATH,
+            "raw_path": PATH.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"authorization", b"Bearer devkey"), (b"x-session-id", b"s1")],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 2),
+            "extensions": {},
+        }
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(app, scope, receive, send)
+            await headers_sent.wait()
+            manager = app_state(app).manager
+            assert manager is not None
+            session = manager.find_session(principal_of("devkey"), "s1")
+            assert session is not None and session.current is not None
+            run = session.current
+            client_gone.set()
+            await run.wait_ended()
+        assert isinstance(run.terminal, RunCancelled)
+        assert run.terminal.reason is CancelReason.CLIENT_DISCONNECT
+        assert run.ended_at == 0
