@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import httpx
+import httpx2
 import trio
 
 from ..core.agent import AgentRequest
@@ -38,7 +38,7 @@ class OllamaAgent:
     model: str = "llama3.2"
     timeouts: UpstreamTimeouts = attrs.field(factory=UpstreamTimeouts)
     name: str = "ollama"
-    _client: httpx.AsyncClient = attrs.field(init=False)
+    _client: httpx2.AsyncClient = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         self._client = make_client(self.timeouts)
@@ -52,7 +52,7 @@ class OllamaAgent:
         body = {"model": self.model, "messages": chat_messages(request), "stream": True}
         url = self.base_url.rstrip("/") + "/api/chat"
         async with upstream_failures(), self._client.stream("POST", url, json=body) as response:
-            await check_status(response)
+            check_status(response)
             async for line in response.aiter_lines():
                 if not line.strip():
                     continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import attrs
-import httpx
+import httpx2
 import trio
 
 from ..core.agent import AgentRequest
@@ -35,7 +35,7 @@ class OpenAICompatAgent:
     model: str = "gpt-4o-mini"
     timeouts: UpstreamTimeouts = attrs.field(factory=UpstreamTimeouts)
     name: str = "openai"
-    _client: httpx.AsyncClient = attrs.field(init=False)
+    _client: httpx2.AsyncClient = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -56,7 +56,7 @@ class OpenAICompatAgent:
         url = self.base_url.rstrip("/") + "/chat/completions"
         decoder = SseDecoder()
         async with upstream_failures(), self._client.stream("POST", url, json=body) as response:
-            await check_status(response)
+            check_status(response)
             async for line in response.aiter_lines():
                 event = decoder.feed(line)
                 if event is None:

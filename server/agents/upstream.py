@@ -1,8 +1,8 @@
-"""What the HTTP-upstream agents share: one httpx client, timeouts, and the
+"""What the HTTP-upstream agents share: one httpx2 client, timeouts, and the
 translation of every upstream failure into a client-safe :class:`AgentError`.
 
 Cancellation: a run's cancellation reaches the agent inside
-``client.stream(...)``; leaving that block closes the response, and httpx
+``client.stream(...)``; leaving that block closes the response, and httpx2
 closes a connection whose body was not read to the end (it cannot go back to
 the pool), so the upstream sees the disconnect at once.
 """
@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import attrs
-import httpx
+import httpx2
 
 from ..core.agent import AgentError
 
@@ -37,18 +37,18 @@ class UpstreamTimeouts:
     # fails the run with upstream_timeout after this long.
     read: float = attrs.field(default=60.0, validator=attrs.validators.gt(0))
 
-    def httpx(self) -> httpx.Timeout:
-        return httpx.Timeout(
+    def as_timeout(self) -> httpx2.Timeout:
+        return httpx2.Timeout(
             connect=self.connect, read=self.read, write=self.read, pool=self.connect
         )
 
 
 def make_client(
     timeouts: UpstreamTimeouts, headers: dict[str, str] | None = None
-) -> httpx.AsyncClient:
+) -> httpx2.AsyncClient:
     # The client holds a connection pool and no tasks: it can be shared by
     # every run and closed once with the app.
-    return httpx.AsyncClient(timeout=timeouts.httpx(), headers=headers or {}, trust_env=False)
+    return httpx2.AsyncClient(timeout=timeouts.as_timeout(), headers=headers or {}, trust_env=False)
 
 
 @asynccontextmanager
@@ -56,19 +56,19 @@ async def upstream_failures() -> AsyncIterator[None]:
     """Translate transport failures into :class:`AgentError` codes."""
     try:
         yield
-    except httpx.ConnectError:
+    except httpx2.ConnectError:
         raise AgentError(UNAVAILABLE.code, UNAVAILABLE.message) from None
-    except httpx.TimeoutException as exc:
-        if isinstance(exc, httpx.ConnectTimeout):
+    except httpx2.TimeoutException as exc:
+        if isinstance(exc, httpx2.ConnectTimeout):
             raise AgentError(UNAVAILABLE.code, UNAVAILABLE.message) from None
         raise upstream_timeout() from None
-    except (httpx.RemoteProtocolError, httpx.ReadError):
+    except (httpx2.RemoteProtocolError, httpx2.ReadError):
         raise upstream_error("The model server closed the stream before finishing.") from None
-    except httpx.HTTPError:
+    except httpx2.HTTPError:
         raise upstream_error("The request to the model server failed.") from None
 
 
-async def check_status(response: httpx.Response) -> None:
+def check_status(response: httpx2.Response) -> None:
     if response.status_code >= 400:
         raise upstream_error(f"The model server answered with status {response.status_code}.")
 

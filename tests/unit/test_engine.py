@@ -356,23 +356,45 @@ async def test_submit_at_the_idle_deadline_is_served_and_drain_finishes(
     assert manager.live_runs.runs == set()
 
 
+class GatedCoordinator:
+    """Holds every session's creation until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        self.gate = trio.Event()
+
+    async def acquire(self, key: object) -> None:
+        await self.gate.wait()
+
+    def release(self, key: object) -> None:
+        pass
+
+
 async def test_later_prompt_wins_while_the_session_is_being_created(
-    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
+    autojump_clock: trio.testing.MockClock,
 ) -> None:
-    manager = await open_manager(nursery, ScriptedAgent(token_delay=1.0, reply_words=5))
+    coordinator = GatedCoordinator()
+    manager = SessionManager(
+        agent=ScriptedAgent(token_delay=1.0, reply_words=5),
+        coordinator=coordinator,  # type: ignore[arg-type]
+    )
     runs: dict[str, Run] = {}
 
     async def submit(prompt: str) -> None:
         runs[prompt] = await manager.submit(PRINCIPAL, "new", ask(prompt))
 
-    async with trio.open_nursery() as submitters:
-        submitters.start_soon(submit, "first")
-        # "second" is admitted while "first" is still creating the session.
-        while manager.find_session(PRINCIPAL, "new") is None:
-            await trio.lowlevel.checkpoint()
-        submitters.start_soon(submit, "second")
-    for run in runs.values():
-        await run.wait_ended()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.serve)
+        async with trio.open_nursery() as submitters:
+            submitters.start_soon(submit, "first")
+            await trio.testing.wait_all_tasks_blocked()
+            # "first" is creating the session (held at the gate) when "second"
+            # is admitted.
+            submitters.start_soon(submit, "second")
+            await trio.testing.wait_all_tasks_blocked()
+            coordinator.gate.set()
+        for run in runs.values():
+            await run.wait_ended()
+        await manager.aclose()
     assert runs["first"].status is RunStatus.CANCELLED
     assert runs["second"].status is RunStatus.COMPLETED
 
@@ -427,8 +449,7 @@ async def test_session_that_fails_to_start_wakes_its_waiters(
 
         async with trio.open_nursery() as submitters:
             submitters.start_soon(submit)
-            while manager.find_session(PRINCIPAL, "s1") is None:
-                await trio.lowlevel.checkpoint()
+            await trio.testing.wait_all_tasks_blocked()  # creating, held in acquire
             submitters.start_soon(submit)
         assert sorted(outcomes) == ["creator failed", "waiter told"]
         assert manager.sessions == {}
