@@ -81,8 +81,9 @@ class BlockingAgent:
                     if stopped.is_set():
                         return
                     trio.from_thread.run(hand_over, item)
-            except (trio.Cancelled, _Stopped, trio.ClosedResourceError, trio.RunFinishedError):
+            except (_Stopped, trio.ClosedResourceError, trio.RunFinishedError):
                 return  # the run ended; nothing more to do here
+            # trio.Cancelled from a hand-over propagates back to the run's task.
             finally:
                 close = getattr(iterator, "close", None)
                 if close is not None:

@@ -7,7 +7,9 @@ Each line carries ``message.content``; the last has ``done: true`` with
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any, cast
 
 import attrs
 import httpx2
@@ -53,18 +55,21 @@ class OllamaAgent:
         url = self.base_url.rstrip("/") + "/api/chat"
         async with upstream_failures(), self._client.stream("POST", url, json=body) as response:
             check_status(response)
-            async for line in response.aiter_lines():
-                if not line.strip():
-                    continue
-                data = parse_json(line)
-                if "error" in data:
-                    raise upstream_error("The model server reported an error.")
-                content = _content(data)
-                if content:
-                    await send_channel.send(TextDelta(content))
-                if data.get("done") is True:
-                    await _send_final(data, send_channel)
-                    return
+            # aclosing: we return from inside the loop, and an async
+            # generator left unfinished would be closed only by the GC.
+            async with aclosing(cast(AsyncGenerator[str], response.aiter_lines())) as lines:
+                async for line in lines:
+                    if not line.strip():
+                        continue
+                    data = parse_json(line)
+                    if "error" in data:
+                        raise upstream_error("The model server reported an error.")
+                    content = _content(data)
+                    if content:
+                        await send_channel.send(TextDelta(content))
+                    if data.get("done") is True:
+                        await _send_final(data, send_channel)
+                        return
         raise upstream_error("The model server closed the stream before finishing.")
 
 

@@ -8,7 +8,9 @@ error mid-stream.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from typing import Any, cast
 
 import attrs
 import httpx2
@@ -57,18 +59,21 @@ class OpenAICompatAgent:
         decoder = SseDecoder()
         async with upstream_failures(), self._client.stream("POST", url, json=body) as response:
             check_status(response)
-            async for line in response.aiter_lines():
-                event = decoder.feed(line)
-                if event is None:
-                    continue
-                kind, data = event
-                if data == "[DONE]":
-                    return
-                payload = parse_json(data)
-                if kind == "error" or "error" in payload:
-                    raise upstream_error("The model server reported an error.")
-                for output in chunk_outputs(payload):
-                    await send_channel.send(output)
+            # aclosing: we return from inside the loop, and an async
+            # generator left unfinished would be closed only by the GC.
+            async with aclosing(cast(AsyncGenerator[str], response.aiter_lines())) as lines:
+                async for line in lines:
+                    event = decoder.feed(line)
+                    if event is None:
+                        continue
+                    kind, data = event
+                    if data == "[DONE]":
+                        return
+                    payload = parse_json(data)
+                    if kind == "error" or "error" in payload:
+                        raise upstream_error("The model server reported an error.")
+                    for output in chunk_outputs(payload):
+                        await send_channel.send(output)
         raise upstream_error("The model server closed the stream before finishing.")
 
 
