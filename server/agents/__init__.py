@@ -61,7 +61,10 @@ def build_agent(settings: Settings) -> Agent:
                 model=settings.model or "gpt-4o-mini",
                 timeouts=timeouts,
             )
-    agent = _load_factory(settings.agent)(settings)
+    try:
+        agent = _load_factory(settings.agent)(settings)
+    except Exception as exc:  # reported to the operator at startup
+        raise AgentConfigError(f"{settings.agent} failed: {type(exc).__name__}: {exc}") from None
     if not callable(getattr(agent, "run", None)) or not isinstance(
         getattr(agent, "name", None), str
     ):

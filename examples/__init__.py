@@ -1,0 +1,1 @@
+"""Examples that ship with the docs; each one is exercised by the test suite."""
