@@ -10,9 +10,10 @@ import hmac
 
 import attrs
 
-from .errors import ApiError
+from .errors import CLOSE_CONNECTION, ApiError
 
-CHALLENGE = {"WWW-Authenticate": "Bearer"}
+# Authentication happens before the body is read, hence the close.
+CHALLENGE = {"WWW-Authenticate": "Bearer", **CLOSE_CONNECTION}
 
 
 def principal_of(key: str) -> str:

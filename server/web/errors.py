@@ -14,6 +14,12 @@ from ..core.session import Draining, SessionClosed
 logger = logging.getLogger(__name__)
 
 
+# For answers given before the request body was read (too large, or refused
+# before reading it): the unread body would otherwise be taken as the start of
+# the next request on a kept-alive connection, which then hangs.
+CLOSE_CONNECTION = {"Connection": "close"}
+
+
 class ApiError(Exception):
     def __init__(
         self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
@@ -78,6 +84,8 @@ def install_error_handlers(app: Quart) -> None:
         headers = {
             name: value for name, value in error.get_headers() if name.lower() != "content-type"
         }
+        if status == 413:
+            headers.update(CLOSE_CONNECTION)
         return error_response(status, code, message, headers)
 
     @app.errorhandler(Exception)

@@ -152,7 +152,8 @@ _converter.register_structure_hook(str | list[TextPart] | None, _content)
 def parse_chat_request(body: bytes) -> ChatRequest:
     try:
         raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # RecursionError: nesting deeper than the parser's stack allows.
         raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
     if not isinstance(raw, dict):
         raise ApiError(422, "invalid_request", "The request body must be a JSON object.")
