@@ -9,7 +9,10 @@ with ``trio.from_thread.run`` into the run's memory channel.
 How cancellation reaches it: when the run is cancelled, the thread's next
 hand-over fails (the hand-over checks a stop flag on the trio side, and the
 send itself is cancelled), so a generator that yields regularly stops within
-one token, and its ``close()`` runs in the thread.
+one token, and its ``close()`` runs in the thread. If the iterable that
+``generate`` returned has an ``interrupt()`` method, it is called at once
+(from the trio thread) to break a call that is blocked right now, e.g. by
+shutting down the socket a synchronous HTTP client is reading from.
 
 The trade-off: a thread cannot be interrupted while it is blocked inside a
 call. The adapter waits for it for at most ``grace`` seconds (the cleanup
@@ -66,6 +69,7 @@ class BlockingAgent:
     ) -> None:
         stopped = threading.Event()
         finished = trio.Event()
+        started: list[Iterable[str | AgentOutput]] = []  # what generate returned
 
         async def hand_over(item: str | AgentOutput) -> None:
             # Runs on the trio side, so this check cannot race the stop.
@@ -76,7 +80,9 @@ class BlockingAgent:
         def work() -> None:
             iterator: Iterator[str | AgentOutput] | None = None
             try:
-                iterator = iter(self.generate(request))
+                iterable = self.generate(request)
+                started.append(iterable)
+                iterator = iter(iterable)
                 for item in iterator:
                     if stopped.is_set():
                         return
@@ -97,6 +103,9 @@ class BlockingAgent:
         finally:
             stopped.set()
             if not finished.is_set():
+                interrupt = getattr(started[0], "interrupt", None) if started else None
+                if interrupt is not None:
+                    interrupt()
                 with trio.move_on_after(self.grace, shield=True):
                     await finished.wait()
             if not finished.is_set():

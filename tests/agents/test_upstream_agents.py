@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
+from server.agents import build_agent
 from server.agents.ollama import OllamaAgent
 from server.agents.openai_compat import OpenAICompatAgent
 from server.agents.upstream import UpstreamTimeouts
@@ -20,6 +21,7 @@ from server.core import AgentRequest, CancelReason, RunStatus, SessionManager
 from server.core.agent import Agent
 from server.core.events import RunFailed
 from server.core.run import Run
+from server.settings import Settings
 from tests.fakes import FakeUpstream, RequestRecord, open_fake_upstream, token_text
 from tests.helpers import assert_well_formed
 
@@ -37,7 +39,20 @@ def make_openai(url: str, timeouts: UpstreamTimeouts) -> Agent:
     return OpenAICompatAgent(base_url=f"{url}/v1", model="fake-model", timeouts=timeouts)
 
 
+def make_blocking(url: str, timeouts: UpstreamTimeouts) -> Agent:
+    settings = Settings(
+        agent="examples.blocking_openai:make_agent",
+        upstream_url=f"{url}/v1",
+        upstream_timeout=timeouts.read,
+        cleanup_budget=5.0,
+    )
+    return build_agent(settings)
+
+
 AGENTS = [pytest.param(make_ollama, id="ollama"), pytest.param(make_openai, id="openai")]
+# Agents whose cancellation these tests prove; failure mapping is the HTTP
+# agents' own (the blocking example maps only what it needs).
+CANCELLABLE = [*AGENTS, pytest.param(make_blocking, id="blocking")]
 
 
 @asynccontextmanager
@@ -53,7 +68,9 @@ async def engine(
                 yield manager, fake
             finally:
                 await manager.aclose()
-                await agent.aclose()  # type: ignore[attr-defined]
+                aclose = getattr(agent, "aclose", None)
+                if aclose is not None:
+                    await aclose()
 
 
 async def first_delta(run: Run) -> str:
@@ -85,7 +102,7 @@ async def test_stream_content_usage_and_finish_reason(make_agent: MakeAgent) -> 
 
 
 @pytest.mark.parametrize("stall", ["@stall_after=2", "@stall_first"])
-@pytest.mark.parametrize("make_agent", AGENTS)
+@pytest.mark.parametrize("make_agent", CANCELLABLE)
 async def test_supersede_closes_the_old_upstream_and_the_new_run_streams(
     make_agent: MakeAgent, stall: str
 ) -> None:
@@ -112,7 +129,7 @@ async def test_supersede_closes_the_old_upstream_and_the_new_run_streams(
 @pytest.mark.parametrize(
     "reason", [CancelReason.CLIENT_STOP, CancelReason.CLIENT_DISCONNECT, CancelReason.SHUTDOWN]
 )
-@pytest.mark.parametrize("make_agent", AGENTS)
+@pytest.mark.parametrize("make_agent", CANCELLABLE)
 async def test_stop_and_disconnect_close_the_upstream(
     make_agent: MakeAgent, reason: CancelReason
 ) -> None:
