@@ -15,7 +15,7 @@ from .openai_compat import OpenAICompatAgent
 from .scripted import ScriptedAgent
 from .upstream import UpstreamTimeouts
 
-AGENT_NAMES = ("scripted", "ollama", "openai")
+AGENT_NAMES = ("scripted", "ollama", "openai", "openai-asyncio")
 
 
 class AgentConfigError(ValueError):
@@ -33,7 +33,7 @@ def check_agent_settings(settings: Settings) -> None:
             raise AgentConfigError("--reply-words must be >= 1")
     elif name == "ollama":
         _check_url("--ollama-url", settings.ollama_url)
-    elif name == "openai":
+    elif name in ("openai", "openai-asyncio"):
         _check_url("--upstream-url", settings.upstream_url)
     elif ":" in name:
         _load_factory(name)
@@ -60,6 +60,22 @@ def build_agent(settings: Settings) -> Agent:
                 api_key=settings.upstream_key,
                 model=settings.model or "gpt-4o-mini",
                 timeouts=timeouts,
+            )
+        case "openai-asyncio":
+            # Imported only here: importing trio_asyncio patches asyncio.
+            from .asyncio_adapter import AsyncioAgentAdapter, AsyncioLoopHost
+            from .openai_asyncio import OpenAIAsyncioAgent
+
+            return AsyncioAgentAdapter(
+                agent=OpenAIAsyncioAgent(
+                    base_url=settings.upstream_url,
+                    api_key=settings.upstream_key,
+                    model=settings.model or "gpt-4o-mini",
+                    timeouts=timeouts,
+                ),
+                host=AsyncioLoopHost(),
+                owns_host=True,
+                cleanup_budget=settings.cleanup_budget,
             )
     try:
         agent = _load_factory(settings.agent)(settings)

@@ -6,23 +6,30 @@ Two pieces:
   lifetime. Start it with ``await nursery.start(host.serve)`` in the serving
   lifecycle; it runs until cancelled.
 * :class:`AsyncioAgentAdapter` is an :class:`~server.core.agent.Agent` over
-  an :class:`AsyncioAgent`: an object with ``name`` and
-  ``stream(request)``, an async iterator (usually an async generator) written
-  for asyncio, yielding :data:`AgentOutput` values or plain ``str`` (a
-  :class:`TextDelta`).
+  an :class:`AsyncioAgent`: an object with ``name`` and ``stream(request)``,
+  an async iterator (usually an async generator) written for asyncio,
+  yielding :data:`AgentOutput` values or plain ``str`` (a :class:`TextDelta`).
 
 Resource handling: the adapter drives the asyncio iterator one step at a
 time; each step (open, ``__anext__``, ``aclose``) is an asyncio task that the
 adapter creates on the host's loop and awaits before doing anything else, so
-asyncio work only ever happens *inside* an awaited step of a run. When the
-run is cancelled, the step in flight is cancelled on the asyncio side
-(``task.cancel()``: ``CancelledError`` at its ``await``) and awaited, shielded
-and bounded by ``cleanup_budget``; then the iterator is closed (``aclose`` on
-the loop, its ``finally`` blocks run), shielded and bounded the same way. No
-asyncio task of the run outlives ``run()``, unless asyncio code ignores
-cancellation for longer than the budget: that task is logged
-(``asyncio_task_abandoned``) and left to the loop, whose shutdown cancels and
-awaits every task still pending.
+asyncio work only happens *inside* an awaited step of a run. Every asyncio
+task created while a run's steps execute (by the agent, by the libraries it
+uses, and the tasks asyncio itself starts to finalize their abandoned async
+generators) belongs to that run: the loop's task factory records it through
+a context variable that asyncio copies into every task and callback. A run
+ends only when all of them are done, so an agent that wants a task to live
+longer than one run starts it outside any run (``host.call``).
+
+Cancellation: when the run is cancelled, the step in flight is cancelled on
+the asyncio side (``task.cancel()``: ``CancelledError`` at its ``await``) and
+awaited, shielded and bounded by ``cleanup_budget``. Then, shielded and
+bounded by ``cleanup_budget`` together, the iterator is closed (``aclose`` on
+the loop: its ``finally`` blocks run) and every task of the run is awaited.
+Tasks still running after that are cancelled and awaited once more (the same
+bound); only asyncio code that ignores cancellation can outlive ``run()``, and
+it is logged (``asyncio_task_abandoned``) and left to the loop, whose
+shutdown cancels and awaits every task still pending.
 
 Error handling: exceptions from the asyncio side come out of ``run()``
 unchanged: an :class:`AgentError` keeps its client-safe code, anything else
@@ -32,10 +39,14 @@ run did not ask for (the loop shutting down) is a :class:`RuntimeError`.
 
 from __future__ import annotations
 
+import _asyncio
 import asyncio
+import enum
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextvars import ContextVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import attrs
 import trio
@@ -49,6 +60,29 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _OUTPUT_TYPES = (TextDelta, FullMessage, UsageReport, StopReason)
+
+
+@attrs.define(eq=False)
+class _RunTasks:
+    """The asyncio tasks created on behalf of one run. Weak: a task that is
+    done and forgotten needs no keeping; a pending one is kept alive by what
+    it waits on."""
+
+    tasks: weakref.WeakSet[asyncio.Task[Any]] = attrs.field(factory=weakref.WeakSet)
+    created: int = 0
+    recording: bool = True
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.add(task)
+        self.created += 1
+
+    def pending(self) -> list[asyncio.Task[Any]]:
+        return [task for task in self.tasks if not task.done()]
+
+
+# The run whose steps are executing: tasks created in this context belong to
+# it (asyncio copies the creator's context into every task and callback).
+_RUN_TASKS: ContextVar[_RunTasks | None] = ContextVar("asyncio_adapter_run_tasks", default=None)
 
 
 class AsyncioLoopNotRunning(RuntimeError):
@@ -67,6 +101,43 @@ class AsyncioAgent(Protocol):
     def stream(self, request: AgentRequest) -> AsyncIterator[AgentOutput | str]: ...
 
 
+# --- the loop, seen from trio --------------------------------------------------
+
+
+def _recording_task_factory(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, T], /, **kwargs: Any
+) -> asyncio.Task[T]:
+    task = asyncio.Task(coro, loop=loop, **kwargs)
+    run_tasks = _RUN_TASKS.get()
+    if run_tasks is not None and run_tasks.recording:
+        run_tasks.add(task)
+    return task
+
+
+def _claim_thread_running_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Make ``loop`` this thread's running loop at the C level too.
+
+    trio-asyncio patches the *module attributes* (``asyncio.get_running_loop``
+    and friends) to find its loop from trio's task context. A library that
+    bound the C function by name before ``trio_asyncio`` was imported still
+    reads the thread's running loop and fails with "no running event loop"
+    (trio-asyncio issue #83). anyio's asyncio backend, which httpx2 and
+    ``openai`` run on, does ``from asyncio import get_running_loop``, and
+    whether it is imported before or after us is an accident of import
+    order (pytest's anyio plugin imports it at start-up). trio-asyncio's own
+    ``SyncTrioEventLoop`` sets the thread's running loop the same way. The
+    patched functions are unaffected: in trio context they still answer from
+    the task context, so trio code does not start to look like asyncio.
+    """
+    asyncio.events._set_running_loop(loop)
+
+
+async def _wait_done(task: asyncio.Future[Any]) -> None:
+    done = trio.Event()
+    task.add_done_callback(lambda _: done.set())
+    await done.wait()
+
+
 async def _await_on_loop(
     loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]], *, budget: float
 ) -> T:
@@ -79,16 +150,19 @@ async def _await_on_loop(
     async def call() -> T:
         return await make()
 
-    task = loop.create_task(call())
-    done = trio.Event()
-    task.add_done_callback(lambda _: done.set())
+    coro = call()
     try:
-        await done.wait()
+        task = loop.create_task(coro)
+    except BaseException:
+        coro.close()  # a closed loop: no "never awaited" warning on top
+        raise
+    try:
+        await _wait_done(task)
     finally:
         if not task.done():
             task.cancel()
             with trio.move_on_after(budget, shield=True):
-                await done.wait()
+                await _wait_done(task)
             if not task.done():
                 logger.warning("asyncio_task_abandoned task=%r budget_s=%s", task, budget)
         if task.done() and not task.cancelled():
@@ -100,21 +174,45 @@ async def _await_on_loop(
     return task.result()
 
 
+async def _settle(loop: asyncio.AbstractEventLoop, run_tasks: _RunTasks) -> None:
+    """Until every task of the run is done, and so are the tasks they led to.
+
+    asyncio starts the finalizer of an abandoned async generator with
+    ``call_soon_threadsafe(create_task, ...)`` from inside the step that let
+    go of it, so a task can finish and leave a task-to-be in the queue. Once
+    every recorded task is done, a round trip through that same queue
+    (FIFO) runs all such leftovers; if it recorded nothing new, the run is
+    settled."""
+    while not loop.is_closed():
+        if pending := run_tasks.pending():
+            for task in pending:
+                await _wait_done(task)
+            continue
+        created = run_tasks.created
+        flushed = trio.Event()
+        loop.call_soon_threadsafe(flushed.set)
+        await flushed.wait()
+        if run_tasks.created == created and not run_tasks.pending():
+            return
+
+
 @attrs.define(eq=False)
 class AsyncioLoopHost:
-    """One trio-asyncio loop, open while :meth:`serve` runs.
+    """One trio-asyncio loop, open while :meth:`serve` runs. One per thread.
 
     Resource handling: :meth:`serve` opens the loop, reports itself started
-    and sleeps until cancelled. On the way out it first runs the closers
-    registered with :meth:`on_close` on the loop (shielded, bounded by
-    ``shutdown_budget``), then leaves ``trio_asyncio.open_loop()``, which
-    cancels and awaits every asyncio task still pending.
+    and serves until cancelled or until :meth:`aclose`. On the way out it first
+    runs the closers registered with :meth:`on_close` on the loop (shielded,
+    bounded by ``shutdown_budget``), then leaves ``trio_asyncio.open_loop()``,
+    which cancels and awaits every asyncio task still pending.
     """
 
     shutdown_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     _loop: asyncio.AbstractEventLoop | None = attrs.field(default=None, init=False)
     _accepting: bool = attrs.field(default=False, init=False)
     _closers: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list, init=False)
+    _stop: trio.Event | None = attrs.field(default=None, init=False)
+    _stopped: trio.Event | None = attrs.field(default=None, init=False)
 
     @property
     def running(self) -> bool:
@@ -141,38 +239,67 @@ class AsyncioLoopHost:
     ) -> None:
         if self._loop is not None:
             raise RuntimeError("this AsyncioLoopHost is already serving")
-        async with trio_asyncio.open_loop() as loop:
-            self._loop = loop
-            self._accepting = True
+        if _asyncio._get_running_loop() is not None:
+            raise RuntimeError("another asyncio loop is already running in this thread")
+        self._stop, self._stopped = trio.Event(), trio.Event()
+        try:
+            async with trio_asyncio.open_loop() as loop:
+                _claim_thread_running_loop(loop)
+                loop.set_task_factory(_recording_task_factory)
+                self._loop = loop
+                self._accepting = True
+                try:
+                    task_status.started(self)
+                    await self._stop.wait()
+                finally:
+                    self._accepting = False
+                    with trio.move_on_after(self.shutdown_budget, shield=True) as cleanup:
+                        await self._run_closers(loop)
+                    if cleanup.cancelled_caught:
+                        logger.warning(
+                            "asyncio_loop_close_budget_exceeded budget_s=%s", self.shutdown_budget
+                        )
+                    self._loop = None
+        finally:
+            # Only now: open_loop() has cancelled and awaited the loop's
+            # tasks, which may have needed it.
+            asyncio.events._set_running_loop(None)
+            self._stopped.set()
+
+    async def aclose(self) -> None:
+        """Stop serving and wait until the loop is closed (closers first).
+        A no-op when not serving. For the app's shutdown, after the runs and
+        the agents are closed: :meth:`serve` does not wait to be cancelled."""
+        if self._stop is None or self._stopped is None:
+            return
+        self._stop.set()
+        await self._stopped.wait()
+
+    async def _run_closers(self, loop: asyncio.AbstractEventLoop) -> None:
+        for closer in self._closers:
             try:
-                task_status.started(self)
-                await trio.sleep_forever()
-            finally:
-                self._accepting = False
-                with trio.move_on_after(self.shutdown_budget, shield=True) as cleanup:
-                    for closer in self._closers:
-                        try:
-                            await _await_on_loop(loop, closer, budget=self.shutdown_budget)
-                        except Exception:
-                            logger.exception("asyncio loop host: a closer failed")
-                if cleanup.cancelled_caught:
-                    logger.warning("asyncio_loop_close_budget_exceeded budget_s=%s",
-                                   self.shutdown_budget)
-                self._loop = None
+                await _await_on_loop(loop, closer, budget=self.shutdown_budget)
+            except Exception:
+                logger.exception("asyncio loop host: a closer failed")
 
     async def call(self, make: Callable[[], Awaitable[T]], *, budget: float = 5.0) -> T:
         """``await make()`` on the loop, from trio (see :func:`_await_on_loop`)."""
         return await _await_on_loop(self.loop, make, budget=budget)
 
 
-_END: Any = object()
+# --- the adapter -----------------------------------------------------------------
 
 
-async def _next_item(iterator: AsyncIterator[T]) -> T:
+class _End(enum.Enum):
+    END = enum.auto()
+
+
+async def _next_item(iterator: AsyncIterator[T]) -> T | Literal[_End.END]:
+    # StopAsyncIteration must not escape an asyncio task: it becomes a value.
     try:
         return await anext(iterator)
     except StopAsyncIteration:
-        return _END  # type: ignore[no-any-return]
+        return _End.END
 
 
 def _as_output(item: object) -> AgentOutput:
@@ -189,13 +316,16 @@ class AsyncioAgentAdapter:
     ``host``'s loop (see the module docstring for cancellation).
 
     ``cleanup_budget`` bounds each shielded wait of the cleanup: for the
-    cancelled step to finish, then for ``aclose``; a run that is cancelled
-    returns within about twice that, however the asyncio code behaves.
+    cancelled step to finish, for closing the iterator and settling the
+    run's tasks, and (only if that overran) for the leftovers to take their
+    cancellation; a cancelled run returns within three times that, however
+    the asyncio code behaves.
     """
 
     agent: AsyncioAgent
     host: AsyncioLoopHost
     cleanup_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    owns_host: bool = False
 
     def __attrs_post_init__(self) -> None:
         closer = getattr(self.agent, "aclose", None)
@@ -212,28 +342,79 @@ class AsyncioAgentAdapter:
         loop = self.host.loop
         budget = self.cleanup_budget
 
-        async def open_stream() -> AsyncIterator[AgentOutput | str]:
+        # Async only to run on the loop: ``stream()`` may need a running loop.
+        async def open_stream() -> AsyncIterator[AgentOutput | str]:  # noqa: ASYNC124
             return aiter(self.agent.stream(request))
 
-        iterator = await _await_on_loop(loop, open_stream, budget=budget)
+        run_tasks = _RunTasks()
+        context_token = _RUN_TASKS.set(run_tasks)
+        iterator: AsyncIterator[AgentOutput | str] | None = None
         try:
+            iterator = await _await_on_loop(loop, open_stream, budget=budget)
             while True:
                 item = await _await_on_loop(loop, lambda: _next_item(iterator), budget=budget)
-                if item is _END:
+                if item is _End.END:
                     return
                 await send_channel.send(_as_output(item))
         finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                with trio.move_on_after(budget, shield=True) as cleanup:
-                    await _await_on_loop(loop, aclose, budget=budget)
-                if cleanup.cancelled_caught:
-                    logger.warning("asyncio_agent_close_budget_exceeded agent=%s", self.name)
+            with trio.move_on_after(budget, shield=True) as cleanup:
+                if iterator is not None:
+                    await self._close_iterator(loop, iterator)
+                await _settle(loop, run_tasks)
+            if cleanup.cancelled_caught:
+                with trio.move_on_after(budget, shield=True):
+                    await self._cancel_leftovers(loop, run_tasks)
+            run_tasks.recording = False
+            _RUN_TASKS.reset(context_token)
+
+    async def _close_iterator(
+        self, loop: asyncio.AbstractEventLoop, iterator: AsyncIterator[object]
+    ) -> None:
+        """``aclose`` on the loop: a no-op for an exhausted generator; after
+        a cancellation it runs the generator's ``finally`` blocks. Its
+        failure is logged, not raised: it must not replace what ended the run."""
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is None:
+            return
+        try:
+            await _await_on_loop(loop, aclose, budget=self.cleanup_budget)
+        except Exception:
+            logger.exception("asyncio agent %s: closing its stream failed", self.name)
+
+    async def _cancel_leftovers(
+        self, loop: asyncio.AbstractEventLoop, run_tasks: _RunTasks
+    ) -> None:
+        """The run's tasks outlived the cleanup budget: cancel and settle them
+        (bounded by the caller); whatever still runs is abandoned to the loop."""
+        pending = run_tasks.pending()
+        logger.warning(
+            "asyncio_cleanup_budget_exceeded agent=%s tasks=%d budget_s=%s",
+            self.name,
+            len(pending),
+            self.cleanup_budget,
+        )
+        for task in pending:
+            task.cancel()
+        try:
+            await _settle(loop, run_tasks)
+        finally:
+            if pending := run_tasks.pending():
+                logger.warning("asyncio_task_abandoned agent=%s tasks=%r", self.name, pending)
+
+    @property
+    def serve(self) -> Callable[..., Awaitable[None]]:
+        """What the app starts with ``nursery.start`` before serving: the
+        loop's host, for the app's lifetime (:meth:`aclose` ends it when the
+        adapter ``owns_host``)."""
+        return self.host.serve
 
     async def aclose(self) -> None:
         """Close the wrapped agent (its ``aclose``, an asyncio coroutine
-        function) on the loop. A no-op once the host stopped: it ran the same
-        closer on its way out."""
+        function) on the loop, then the loop if the adapter owns it. Closing
+        the agent is a no-op once the host stopped: it ran the same closer on
+        its way out."""
         closer = getattr(self.agent, "aclose", None)
         if callable(closer) and self.host.running:
             await self.host.call(closer, budget=self.cleanup_budget)
+        if self.owns_host:
+            await self.host.aclose()

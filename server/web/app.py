@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import attrs
+import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
@@ -66,6 +67,11 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
 
     @app.before_serving
     async def start_engine() -> None:
+        # An agent with a companion to host (the asyncio adapter's loop) has
+        # it started here and ended by its aclose, after the runs.
+        serve_agent = getattr(state.agent, "serve", None)
+        if serve_agent is not None:
+            await app.nursery.start(serve_agent)
         manager = SessionManager(
             agent=state.agent,
             config=EngineConfig(
@@ -80,7 +86,8 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             await state.manager.aclose()
         aclose = getattr(state.agent, "aclose", None)
         if aclose is not None:
-            await aclose()
+            with trio.move_on_after(settings.cleanup_budget):
+                await aclose()
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:

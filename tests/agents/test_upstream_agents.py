@@ -49,7 +49,21 @@ def make_blocking(url: str, timeouts: UpstreamTimeouts) -> Agent:
     return build_agent(settings)
 
 
-AGENTS = [pytest.param(make_ollama, id="ollama"), pytest.param(make_openai, id="openai")]
+def make_openai_asyncio(url: str, timeouts: UpstreamTimeouts) -> Agent:
+    settings = Settings(
+        agent="openai-asyncio",
+        upstream_url=f"{url}/v1",
+        upstream_timeout=timeouts.read,
+        connect_timeout=timeouts.connect,
+    )
+    return build_agent(settings)
+
+
+AGENTS = [
+    pytest.param(make_ollama, id="ollama"),
+    pytest.param(make_openai, id="openai"),
+    pytest.param(make_openai_asyncio, id="openai-asyncio"),
+]
 # Agents whose cancellation these tests prove; failure mapping is the HTTP
 # agents' own (the blocking example maps only what it needs).
 CANCELLABLE = [*AGENTS, pytest.param(make_blocking, id="blocking")]
@@ -63,14 +77,18 @@ async def engine(
         agent = make_agent(fake.url, UpstreamTimeouts(connect=5.0, read=read_timeout))
         manager = SessionManager(agent=agent)
         async with trio.open_nursery() as nursery:
+            serve_agent = getattr(agent, "serve", None)  # the asyncio loop's host
+            if serve_agent is not None:
+                await nursery.start(serve_agent)
             await nursery.start(manager.serve)
             try:
                 yield manager, fake
             finally:
-                await manager.aclose()
-                aclose = getattr(agent, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+                with trio.move_on_after(WAIT, shield=True):
+                    await manager.aclose()
+                    aclose = getattr(agent, "aclose", None)
+                    if aclose is not None:
+                        await aclose()
 
 
 async def first_delta(run: Run) -> str:
@@ -183,6 +201,9 @@ async def test_unreachable_upstream_is_upstream_unavailable(make_agent: MakeAgen
     agent = make_agent(f"http://127.0.0.1:{closed_port()}", UpstreamTimeouts(connect=2.0))
     manager = SessionManager(agent=agent)
     async with trio.open_nursery() as nursery:
+        serve_agent = getattr(agent, "serve", None)
+        if serve_agent is not None:
+            await nursery.start(serve_agent)
         await nursery.start(manager.serve)
         run = await manager.submit(PRINCIPAL, "s1", AgentRequest(prompt="anyone there?"))
         with trio.fail_after(WAIT):
@@ -190,4 +211,4 @@ async def test_unreachable_upstream_is_upstream_unavailable(make_agent: MakeAgen
         assert isinstance(run.terminal, RunFailed)
         assert run.terminal.error.code == "upstream_unavailable"
         await manager.aclose()
-    await agent.aclose()  # type: ignore[attr-defined]
+        await agent.aclose()  # type: ignore[attr-defined]

@@ -39,7 +39,7 @@ STOP_TIMEOUT = 20.0
 LOG_TIMEOUT = 10.0
 POLL_INTERVAL = 0.02
 
-_LISTENING = re.compile(r" server\.launcher listening url=(?P<url>\S+)")
+_LISTENING = re.compile(r"(?:^| server\.launcher )listening url=(?P<url>\S+)")
 _LIFECYCLE = re.compile(r" server\.lifecycle (?P<name>\w+)(?P<fields>(?: \w+=\S*)*)\s*$")
 
 T = TypeVar("T")
@@ -70,6 +70,8 @@ def parse_lifecycle(line: str) -> LifecycleEvent | None:
 class ServerProcess:
     """``python -m server`` on 127.0.0.1 with ``--port 0``."""
 
+    module = "server"
+
     def __init__(self, args: tuple[str, ...]) -> None:
         self.args = args
         self.url = ""
@@ -78,7 +80,7 @@ class ServerProcess:
         self._eof = False
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_SERVER_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", "0", *args],
+            [sys.executable, "-m", self.module, "--host", "127.0.0.1", "--port", "0", *args],
             cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -210,9 +212,17 @@ class ServerProcess:
         return self.proc.returncode
 
 
+class FakeUpstreamProcess(ServerProcess):
+    """The fake LLM upstream (tests/fakes) as a process of its own."""
+
+    module = "tests.fakes.upstream"
+
+
 @contextmanager
-def running_server(*args: str) -> Iterator[ServerProcess]:
-    server = ServerProcess.start(*args)
+def running_server(
+    *args: str, kind: type[ServerProcess] = ServerProcess
+) -> Iterator[ServerProcess]:
+    server = kind.start(*args)
     try:
         yield server
     finally:
