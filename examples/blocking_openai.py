@@ -28,14 +28,14 @@ from server.wire.sse import SseDecoder
 
 
 class UpstreamStream:
-    def __init__(self, base_url: str, model: str, prompt: str, read_timeout: float) -> None:
+    def __init__(self, client: httpx2.Client, base_url: str, model: str, prompt: str) -> None:
+        self.client = client
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.body = {
             "model": model,
             "stream": True,
             "messages": [{"role": "user", "content": prompt}],
         }
-        self.timeout = httpx2.Timeout(5.0, read=read_timeout)
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None
         self._interrupted = False
@@ -43,10 +43,7 @@ class UpstreamStream:
     def __iter__(self) -> Iterator[str]:
         decoder = SseDecoder()
         try:
-            with (
-                httpx2.Client(timeout=self.timeout) as client,
-                client.stream("POST", self.url, json=self.body) as response,
-            ):
+            with self.client.stream("POST", self.url, json=self.body) as response:
                 self._attach(response.extensions["network_stream"].get_extra_info("socket"))
                 if response.status_code >= 400:
                     raise AgentError(
@@ -92,12 +89,17 @@ def _shut(sock: socket.socket) -> None:
 
 
 def make_agent(settings: Settings) -> BlockingAgent:
-    def generate(request: AgentRequest) -> UpstreamStream:
-        return UpstreamStream(
-            settings.upstream_url,
-            settings.model or "gpt-4o-mini",
-            request.prompt,
-            settings.upstream_timeout,
-        )
+    # One client for every run (its pool is thread-safe): building one costs
+    # tens of milliseconds, mostly its TLS context.
+    client = httpx2.Client(timeout=httpx2.Timeout(5.0, read=settings.upstream_timeout))
 
-    return BlockingAgent(generate=generate, name="blocking-openai", grace=settings.cleanup_budget)
+    def generate(request: AgentRequest) -> UpstreamStream:
+        model = settings.model or "gpt-4o-mini"
+        return UpstreamStream(client, settings.upstream_url, model, request.prompt)
+
+    return BlockingAgent(
+        generate=generate,
+        name="blocking-openai",
+        grace=settings.cleanup_budget,
+        close=client.close,
+    )

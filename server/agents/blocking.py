@@ -63,6 +63,13 @@ class BlockingAgent:
     grace: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     limiter: trio.CapacityLimiter = attrs.field(factory=lambda: trio.CapacityLimiter(16))
     accounting: ThreadAccounting = abandoned_threads
+    # Releases what the generator shares across runs (a sync client), at
+    # shutdown, in a worker thread.
+    close: Callable[[], None] | None = None
+
+    async def aclose(self) -> None:
+        if self.close is not None:
+            await trio.to_thread.run_sync(self.close)
 
     async def run(
         self, request: AgentRequest, send_channel: trio.MemorySendChannel[AgentOutput]
