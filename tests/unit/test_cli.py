@@ -37,6 +37,10 @@ def test_environment_mirrors_flags_and_flags_win() -> None:
     [
         (["--host", "0.0.0.0"], {}, "refusing to bind 0.0.0.0 with the dev key"),
         (["--agent", "nonesuch"], {}, "unknown agent 'nonesuch'"),
+        (["--agent", "ollama", "--ollama-url", "localhost:11434"], {}, "--ollama-url must be"),
+        (["--agent", "openai-asyncio", "--upstream-url", "ftp://x"], {}, "--upstream-url must be"),
+        (["--agent", "nowhere.module:factory"], {}, "cannot import agent module"),
+        (["--upstream-timeout", "0"], {}, "upstream_timeout"),
         (["--reply-words", "0"], {}, "--reply-words must be >= 1"),
         (["--port", "70000"], {}, "port"),
         ([], {"STREAM_SERVER_PORT": "eighty"}, "--port: invalid int value: 'eighty'"),
