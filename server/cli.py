@@ -67,6 +67,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--drain-timeout", float, defaults.drain_timeout, "seconds runs may finish after SIGTERM"
     )
     option("--max-body-bytes", int, defaults.max_body_bytes, "largest request body accepted")
+    option(
+        "--coalesce-ms",
+        float,
+        defaults.coalesce_ms,
+        "deltas within this window after a published one go out merged; 0 disables",
+    )
     option("--log-level", str, defaults.log_level, "debug, info, warning or error")
     option("--model", str, defaults.model, "upstream agents: the model to ask")
     option("--ollama-url", str, defaults.ollama_url, "ollama agent: base URL")
@@ -114,6 +120,7 @@ def parse_settings(
             idle_timeout=args.idle_timeout,
             drain_timeout=args.drain_timeout,
             max_body_bytes=args.max_body_bytes,
+            coalesce_ms=args.coalesce_ms,
             log_level=args.log_level,
             model=args.model,
             ollama_url=args.ollama_url,

@@ -26,6 +26,8 @@ class Settings:
     idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
     drain_timeout: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
     max_body_bytes: int = attrs.field(default=MiB, validator=attrs.validators.gt(0))
+    # Deltas arriving within this many ms of a published one are merged.
+    coalesce_ms: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
     log_level: str = "info"
     # Upstream agents (ollama, openai, openai-asyncio).
     model: str | None = None

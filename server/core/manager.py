@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from .agent import Agent, AgentRequest
+from .config import EngineConfig
 from .coordinator import Coordinator, InProcessCoordinator
 from .events import CancelReason
 from .run import NullObserver, Run, RunObserver
@@ -28,12 +29,6 @@ from .session import Draining, LiveRuns, Session, SessionClosed, SessionKey
 logger = logging.getLogger(__name__)
 
 __all__ = ["Draining", "EngineConfig", "SessionClosed", "SessionManager"]
-
-
-@attrs.frozen(kw_only=True)
-class EngineConfig:
-    cleanup_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
-    idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
 
 
 def ephemeral_session_id() -> str:
@@ -99,7 +94,7 @@ class SessionManager:
             session = Session(
                 key=key,
                 agent=self.agent,
-                cleanup_budget=self.config.cleanup_budget,
+                config=self.config,
                 idle_timeout=0 if ephemeral else self.config.idle_timeout,
                 live_runs=self.live_runs,
                 observer=self.observer,

@@ -22,6 +22,7 @@ is reported as ``agent_error`` with the traceback in the server log only.
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 from collections.abc import Callable
 from typing import Protocol, TypedDict
@@ -93,6 +94,9 @@ class Run:
     agent: Agent
     cleanup_budget: float
     observer: RunObserver = attrs.field(factory=NullObserver)
+    # Seconds deltas are gathered into one run.delta (0: publish each at once).
+    coalesce_window: float = 0.0
+    coalesce_max_chars: int = 2048
     run_id: str = attrs.field(factory=new_run_id)
     on_subscribers_changed: Callable[[], None] = attrs.field(default=lambda: None)
     # Called (synchronously) once the terminal event is out.
@@ -111,6 +115,9 @@ class Run:
     _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _producing: bool = attrs.field(default=False, init=False)
     _deltas: list[str] = attrs.field(factory=list, init=False)
+    # Deltas received but not yet published (the coalescing window's).
+    _buffered: list[str] = attrs.field(factory=list, init=False)
+    _buffered_chars: int = attrs.field(default=0, init=False)
     _message: str | None = attrs.field(default=None, init=False)
     _ended: trio.Event = attrs.field(factory=trio.Event, init=False)
 
@@ -238,18 +245,65 @@ class Run:
                 self.error = AGENT_ERROR
 
     async def _pump(self, receive_channel: trio.MemoryReceiveChannel[AgentOutput]) -> None:
+        """Number the agent's output into the log, coalescing deltas.
+
+        Coalescing: a delta that arrives while no window is open is published
+        at once and opens a window of ``coalesce_window`` seconds; deltas
+        arriving inside it are buffered and published as one ``run.delta``
+        when it closes (or as soon as ``coalesce_max_chars`` are buffered),
+        and a new window opens. A window that closes with nothing buffered
+        simply ends. The window's timer is this pump's own receive deadline,
+        so it cannot outlive the run. Whatever is buffered when the pump
+        stops is flushed by :meth:`_end`, before ``run.message`` and the
+        terminal event; a delta still in the channel then is never received.
+        """
+        window_end = math.inf
         async with receive_channel:
-            async for output in receive_channel:
+            while True:
+                with trio.move_on_at(window_end) as window:
+                    try:
+                        output = await receive_channel.receive()
+                    except trio.EndOfChannel:
+                        return
+                if window.cancelled_caught:
+                    window_end = self._flush_window()
+                    continue
                 match output:
                     case TextDelta(text=text) if text:
                         self._deltas.append(text)
-                        self.log.append(RunDelta(**self._envelope(), text=text))
+                        if window_end == math.inf:
+                            self.log.append(RunDelta(**self._envelope(), text=text))
+                            window_end = self._open_window()
+                        else:
+                            self._buffered.append(text)
+                            self._buffered_chars += len(text)
+                            if self._buffered_chars >= self.coalesce_max_chars:
+                                self._flush_buffer()
+                                window_end = self._open_window()
                     case FullMessage(text=text):
                         self._message = text
                     case UsageReport(usage=usage):
                         self.usage = usage
                     case StopReason(reason=reason):
                         self.finish_reason = reason
+
+    def _open_window(self) -> float:
+        return trio.current_time() + self.coalesce_window if self.coalesce_window > 0 else math.inf
+
+    def _flush_window(self) -> float:
+        """The window closed: publish what it gathered and open the next
+        window, or end it if it gathered nothing."""
+        if not self._buffered:
+            return math.inf
+        self._flush_buffer()
+        return self._open_window()
+
+    def _flush_buffer(self) -> None:
+        if self._buffered:
+            text = "".join(self._buffered)
+            self._buffered.clear()
+            self._buffered_chars = 0
+            self.log.append(RunDelta(**self._envelope(), text=text))
 
     # --- ending ------------------------------------------------------------
 
@@ -263,8 +317,9 @@ class Run:
         return RunStatus.COMPLETED
 
     def _end(self, status: RunStatus) -> None:
-        """Publish the (full message and) terminal event: synchronous, so
-        nothing can slip between them."""
+        """Publish buffered deltas, the full message (on completion) and the
+        terminal event: synchronous, so nothing can slip between them."""
+        self._flush_buffer()
         if status is RunStatus.COMPLETED:
             self.log.append(RunMessage(**self._envelope(), text=self.text))
             self.log.append(

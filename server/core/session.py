@@ -24,6 +24,7 @@ import attrs
 import trio
 
 from .agent import Agent, AgentRequest
+from .config import EngineConfig
 from .events import CancelReason
 from .lifecycle_log import lifecycle_event
 from .run import NullObserver, Run, RunObserver
@@ -101,7 +102,8 @@ class Turnstile:
 class Session:
     key: SessionKey
     agent: Agent
-    cleanup_budget: float
+    config: EngineConfig
+    # The config's, or 0 for a session of its own (dropped once idle).
     idle_timeout: float
     live_runs: LiveRuns = attrs.field(factory=LiveRuns)
     observer: RunObserver = attrs.field(factory=NullObserver)
@@ -226,8 +228,10 @@ class Session:
             session_id=self.session_id,
             request=request,
             agent=self.agent,
-            cleanup_budget=self.cleanup_budget,
+            cleanup_budget=self.config.cleanup_budget,
             observer=self.observer,
+            coalesce_window=self.config.coalesce_window,
+            coalesce_max_chars=self.config.coalesce_max_chars,
             on_subscribers_changed=self._touch,
             on_ended=self._run_ended,
         )

@@ -75,7 +75,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         manager = SessionManager(
             agent=state.agent,
             config=EngineConfig(
-                cleanup_budget=settings.cleanup_budget, idle_timeout=settings.idle_timeout
+                cleanup_budget=settings.cleanup_budget,
+                idle_timeout=settings.idle_timeout,
+                coalesce_window=settings.coalesce_ms / 1000,
             ),
         )
         state.manager = await app.nursery.start(manager.serve)

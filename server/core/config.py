@@ -1,0 +1,13 @@
+"""Engine settings (the HTTP edge builds them from the process settings)."""
+
+from __future__ import annotations
+
+import attrs
+
+
+@attrs.frozen(kw_only=True)
+class EngineConfig:
+    cleanup_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
+    idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    coalesce_window: float = attrs.field(default=0.02, validator=attrs.validators.ge(0))
+    coalesce_max_chars: int = attrs.field(default=2048, validator=attrs.validators.ge(1))
