@@ -98,8 +98,10 @@ def _load_factory(spec: str) -> Callable[[Settings], Agent]:
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise AgentConfigError(f"cannot import agent module {module_name!r}: {exc}") from None
+    except Exception as exc:  # the operator's own module: any import failure
+        raise AgentConfigError(
+            f"cannot import agent module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from None
     factory = getattr(module, attribute, None)
     if not callable(factory):
         raise AgentConfigError(f"{spec!r}: {module_name} has no callable {attribute!r}")

@@ -7,9 +7,9 @@ e.g. a synchronous SDK's streaming call. It runs in a worker thread through
 with ``trio.from_thread.run`` into the run's memory channel.
 
 How cancellation reaches it: when the run is cancelled, the thread's next
-hand-over fails (the hand-over checks a stop flag on the trio side, and the
-send itself is cancelled), so a generator that yields regularly stops within
-one token, and its ``close()`` runs in the thread. If the iterable that
+hand-over fails (it checks a stop flag on the trio side, and the run's
+channel is closed once the run ends), so a generator that yields regularly
+stops within one token, and its ``close()`` runs in the thread. If the iterable that
 ``generate`` returned has an ``interrupt()`` method, it is called at once
 (from the trio thread) to break a call that is blocked right now, e.g. by
 shutting down the socket a synchronous HTTP client is reading from.
@@ -94,7 +94,12 @@ class BlockingAgent:
                     if stopped.is_set():
                         return
                     trio.from_thread.run(hand_over, item)
-            except (_Stopped, trio.ClosedResourceError, trio.RunFinishedError):
+            except (
+                _Stopped,
+                trio.ClosedResourceError,
+                trio.BrokenResourceError,
+                trio.RunFinishedError,
+            ):
                 return  # the run ended; nothing more to do here
             # trio.Cancelled from a hand-over propagates back to the run's task.
             finally:
@@ -112,7 +117,10 @@ class BlockingAgent:
             if not finished.is_set():
                 interrupt = getattr(started[0], "interrupt", None) if started else None
                 if interrupt is not None:
-                    interrupt()
+                    try:
+                        interrupt()
+                    except Exception:  # must not replace the cancellation
+                        logger.exception("blocking agent %s: interrupt() failed", self.name)
                 with trio.move_on_after(self.grace, shield=True):
                     await finished.wait()
             if not finished.is_set():

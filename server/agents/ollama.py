@@ -19,19 +19,13 @@ from ..core.agent import AgentRequest
 from ..core.events import AgentOutput, StopReason, TextDelta, Usage, UsageReport
 from .upstream import (
     UpstreamTimeouts,
+    chat_messages,
     check_status,
     make_client,
     parse_json,
     upstream_error,
     upstream_failures,
 )
-
-
-def chat_messages(request: AgentRequest) -> list[dict[str, str]]:
-    """The conversation to send upstream: the request's turns, or its prompt."""
-    if request.messages:
-        return [{"role": turn.role, "content": turn.content} for turn in request.messages]
-    return [{"role": "user", "content": request.prompt}]
 
 
 @attrs.define(kw_only=True)

@@ -19,9 +19,9 @@ import trio
 from ..core.agent import AgentRequest
 from ..core.events import AgentOutput, StopReason, TextDelta, Usage, UsageReport
 from ..wire.sse import SseDecoder
-from .ollama import chat_messages
 from .upstream import (
     UpstreamTimeouts,
+    chat_messages,
     check_status,
     make_client,
     parse_json,
@@ -70,7 +70,7 @@ class OpenAICompatAgent:
                     if data == "[DONE]":
                         return
                     payload = parse_json(data)
-                    if kind == "error" or "error" in payload:
+                    if kind == "error" or payload.get("error"):
                         raise upstream_error("The model server reported an error.")
                     for output in chunk_outputs(payload):
                         await send_channel.send(output)

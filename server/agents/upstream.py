@@ -17,7 +17,7 @@ from typing import Any
 import attrs
 import httpx2
 
-from ..core.agent import AgentError
+from ..core.agent import AgentError, AgentRequest
 
 UNAVAILABLE = AgentError("upstream_unavailable", "The model server could not be reached.")
 
@@ -81,3 +81,10 @@ def parse_json(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise upstream_error("The model server sent a malformed response.")
     return value
+
+
+def chat_messages(request: AgentRequest) -> list[dict[str, str]]:
+    """The conversation to send upstream: the request's turns, or its prompt."""
+    if request.messages:
+        return [{"role": turn.role, "content": turn.content} for turn in request.messages]
+    return [{"role": "user", "content": request.prompt}]

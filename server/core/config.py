@@ -11,3 +11,6 @@ class EngineConfig:
     idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
     coalesce_window: float = attrs.field(default=0.02, validator=attrs.validators.ge(0))
     coalesce_max_chars: int = attrs.field(default=2048, validator=attrs.validators.ge(1))
+    # Ended runs kept (with their event logs) for reattach and inspection.
+    keep_ended_runs: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
+    keep_ended_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))

@@ -44,8 +44,12 @@ class RunStatus(enum.StrEnum):
 
 @attrs.frozen(kw_only=True)
 class Usage:
-    prompt_tokens: int = attrs.field(validator=attrs.validators.ge(0))
-    completion_tokens: int = attrs.field(validator=attrs.validators.ge(0))
+    prompt_tokens: int = attrs.field(
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)]
+    )
+    completion_tokens: int = attrs.field(
+        validator=[attrs.validators.instance_of(int), attrs.validators.ge(0)]
+    )
 
     @property
     def total_tokens(self) -> int:
@@ -65,9 +69,13 @@ class ErrorInfo:
 # --- what agents send -------------------------------------------------------
 
 
+_text = attrs.field(validator=attrs.validators.instance_of(str))
+
+
 @attrs.frozen
 class TextDelta:
-    text: str
+    # Validated: agent output is untrusted input to the engine.
+    text: str = _text
 
 
 @attrs.frozen
@@ -75,12 +83,12 @@ class FullMessage:
     """The agent's complete answer. Optional: without it the run assembles
     the message from the deltas it saw."""
 
-    text: str
+    text: str = _text
 
 
 @attrs.frozen(kw_only=True)
 class UsageReport:
-    usage: Usage
+    usage: Usage = attrs.field(validator=attrs.validators.instance_of(Usage))
 
 
 @attrs.frozen
@@ -88,7 +96,7 @@ class StopReason:
     """Why the model stopped (``stop``, ``length``, ``content_filter``...):
     reported on ``run.completed`` and as the OpenAI ``finish_reason``."""
 
-    reason: str
+    reason: str = _text
 
 
 AgentOutput = TextDelta | FullMessage | UsageReport | StopReason

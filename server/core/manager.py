@@ -23,6 +23,7 @@ from .agent import Agent, AgentRequest
 from .config import EngineConfig
 from .coordinator import Coordinator, InProcessCoordinator
 from .events import CancelReason
+from .registry import RunRegistry
 from .run import NullObserver, Run, RunObserver
 from .session import Draining, LiveRuns, Session, SessionClosed, SessionKey
 
@@ -43,12 +44,19 @@ class SessionManager:
     coordinator: Coordinator = attrs.field(factory=InProcessCoordinator)
 
     live_runs: LiveRuns = attrs.field(factory=LiveRuns, init=False)
+    runs: RunRegistry = attrs.field(init=False)
     _sessions: dict[SessionKey, Session] = attrs.field(factory=dict, init=False)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
     _closing: trio.Event = attrs.field(factory=trio.Event, init=False)
     _closed: trio.Event = attrs.field(factory=trio.Event, init=False)
     # Sessions whose ownership the coordinator granted (and must get back).
     _coordinated: set[Session] = attrs.field(factory=set, init=False)
+
+    @runs.default
+    def _make_registry(self) -> RunRegistry:
+        return RunRegistry(
+            keep_ended=self.config.keep_ended_runs, keep_seconds=self.config.keep_ended_seconds
+        )
 
     @property
     def draining(self) -> bool:
@@ -105,9 +113,11 @@ class SessionManager:
         try:
             if created:
                 await self._start_session(session)
-            return await session.submit(request, ticket)
+            run = await session.submit(request, ticket)
         finally:
             session.leave(ticket)
+        self.runs.add(principal, run)
+        return run
 
     def find_session(self, principal: str, session_id: str) -> Session | None:
         return self._sessions.get(SessionKey(principal, session_id))

@@ -286,6 +286,14 @@ class Run:
                         self.usage = usage
                     case StopReason(reason=reason):
                         self.finish_reason = reason
+                    case TextDelta():
+                        pass  # empty
+                    case _:
+                        # Not something an agent may send: end the run failed
+                        # (the agent's next send then finds the channel closed).
+                        logger.warning("run %s: agent sent %r", self.run_id, type(output))
+                        self.error = AGENT_ERROR
+                        return
 
     def _open_window(self) -> float:
         return trio.current_time() + self.coalesce_window if self.coalesce_window > 0 else math.inf

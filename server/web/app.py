@@ -57,6 +57,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     app = QuartTrio(__name__, root_path=str(Path(__file__).parent))
     app.asgi_http_class = StreamingHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    # Quart-Trio bounds the after_serving hooks by this; ours interrupt live
+    # runs (each bounded by the cleanup budget) and close the agent.
+    app.config["BACKGROUND_TASK_SHUTDOWN_TIMEOUT"] = 2 * settings.cleanup_budget + 5
     state = AppState(
         settings=settings,
         agent=agent or build_agent(settings),

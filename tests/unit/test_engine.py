@@ -496,3 +496,31 @@ async def test_engine_failure_in_one_session_leaves_the_others_serving(
     assert "session broken failed and was dropped" in caplog.text
     assert manager.find_session(PRINCIPAL, "broken") is None
     assert manager.live_runs.runs == set()
+
+
+class BadOutputAgent:
+    name = "bad-output"
+
+    async def run(
+        self, request: AgentRequest, send_channel: trio.MemorySendChannel[object]
+    ) -> None:
+        from server.core.events import TextDelta
+
+        await send_channel.send(TextDelta("fine "))
+        if request.prompt == "wrong type":
+            await send_channel.send({"text": "not an output"})
+        else:
+            await send_channel.send(TextDelta(5))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("prompt", ["wrong type", "wrong field"])
+async def test_agent_output_of_the_wrong_shape_fails_only_that_run(
+    nursery: trio.Nursery, autojump_clock: trio.testing.MockClock, prompt: str
+) -> None:
+    manager = await open_manager(nursery, BadOutputAgent())  # type: ignore[arg-type]
+    run = await manager.submit(PRINCIPAL, "s1", ask(prompt))
+    await run.wait_ended()
+    assert isinstance(run.terminal, RunFailed)
+    assert run.terminal.error.code == "agent_error"
+    assert_well_formed(run.log.events)
+    assert manager.find_session(PRINCIPAL, "s1") is not None

@@ -1,0 +1,76 @@
+"""Runs by id, for the runs API: every live run, and ended runs while their
+event log is retained.
+
+Retention: ended runs are kept for reattach and inspection up to
+``keep_ended`` runs and ``keep_seconds`` after they ended, whichever is
+reached first; older ones are forgotten, and their ids remembered (boundedly)
+so a late reattach can be told the log is *gone* rather than *unknown*.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+
+import attrs
+import trio
+
+from .run import Run
+
+
+class Gone:
+    """The run existed, but its log is past retention."""
+
+
+GONE = Gone()
+
+
+@attrs.define(eq=False)
+class RunRegistry:
+    keep_ended: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
+    keep_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
+    remember_gone: int = 100_000
+    _runs: OrderedDict[str, tuple[str, Run]] = attrs.field(factory=OrderedDict, init=False)
+    _gone: deque[tuple[str, str]] = attrs.field(factory=deque, init=False)
+    _gone_ids: set[tuple[str, str]] = attrs.field(factory=set, init=False)
+
+    def add(self, principal: str, run: Run) -> None:
+        self._runs[run.run_id] = (principal, run)
+        self.prune()
+
+    def lookup(self, principal: str, run_id: str) -> Run | Gone | None:
+        """The principal's run, :data:`GONE`, or ``None``; another
+        principal's run is ``None`` (it does not exist for them)."""
+        self.prune()
+        entry = self._runs.get(run_id)
+        if entry is not None:
+            owner, run = entry
+            return run if owner == principal else None
+        return GONE if (principal, run_id) in self._gone_ids else None
+
+    def for_session(self, principal: str, session_id: str, limit: int) -> list[Run]:
+        """The session's known runs, newest first."""
+        runs = [
+            run
+            for owner, run in reversed(self._runs.values())
+            if owner == principal and run.session_id == session_id
+        ]
+        return runs[:limit]
+
+    def prune(self) -> None:
+        now = trio.current_time()
+        ended = [run_id for run_id, (_, run) in self._runs.items() if run.ended]
+        excess = len(ended) - self.keep_ended
+        for run_id in ended:
+            _, run = self._runs[run_id]
+            expired = run.ended_at is not None and now - run.ended_at > self.keep_seconds
+            if excess > 0 or expired:
+                self._forget(run_id)
+                excess -= 1
+
+    def _forget(self, run_id: str) -> None:
+        principal, _ = self._runs.pop(run_id)
+        key = (principal, run_id)
+        self._gone.append(key)
+        self._gone_ids.add(key)
+        while len(self._gone) > self.remember_gone:
+            self._gone_ids.discard(self._gone.popleft())
