@@ -1,0 +1,98 @@
+"""The run store's schema and its migrations.
+
+Rule 1: the schema version is SQLite's ``PRAGMA user_version``; version N is
+the database after ``MIGRATIONS[:N]``.
+
+Rule 2: a migration is only ever appended, never edited: a database at
+version N must reach N+1 the same way on every machine.
+
+Rule 3: each migration runs in one transaction together with its
+``user_version`` bump, so a crash leaves the database at the old version or
+the new one, never in between.
+
+Rule 4: a database newer than this code is refused, not guessed at.
+
+Synchronous on purpose: the store calls :func:`migrate` from its worker
+thread, never from the trio thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+_STATUSES = "'running', 'completed', 'cancelled', 'interrupted', 'failed'"
+_REASONS = (
+    "'superseded', 'client_stop', 'client_disconnect', 'shutdown', 'deadline', 'crash_recovery'"
+)
+
+# Version 1: the runs table. The CHECKs mirror RunRecord's validation.
+_V1 = (
+    f"""
+    CREATE TABLE runs (
+        run_id            TEXT PRIMARY KEY NOT NULL,
+        principal         TEXT NOT NULL,
+        session_id        TEXT NOT NULL,
+        prompt            TEXT NOT NULL,
+        agent             TEXT NOT NULL,
+        status            TEXT NOT NULL CHECK (status IN ({_STATUSES})),
+        cancel_reason     TEXT CHECK (cancel_reason IN ({_REASONS})),
+        output_text       TEXT NOT NULL DEFAULT '',
+        prompt_tokens     INTEGER CHECK (prompt_tokens >= 0),
+        completion_tokens INTEGER CHECK (completion_tokens >= 0),
+        created_at        REAL NOT NULL,
+        finished_at       REAL,
+        error_code        TEXT,
+        error_message     TEXT,
+        CHECK ((status = 'running') = (finished_at IS NULL)),
+        CHECK (cancel_reason IS NULL OR status IN ('cancelled', 'interrupted')),
+        CHECK ((prompt_tokens IS NULL) = (completion_tokens IS NULL)),
+        CHECK ((error_code IS NULL) = (error_message IS NULL))
+    )
+    """,
+    # GET /v1/sessions/{sid}: a principal's session, newest first.
+    "CREATE INDEX runs_by_session ON runs (principal, session_id, created_at)",
+    # Crash recovery (finished_at IS NULL) and retention (oldest ended first).
+    "CREATE INDEX runs_by_finish ON runs (finished_at)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    def __init__(self, found: int) -> None:
+        super().__init__(f"database schema version {found} is newer than {SCHEMA_VERSION}")
+        self.found = found
+
+
+def schema_version(connection: sqlite3.Connection) -> int:
+    version: int = connection.execute("PRAGMA user_version").fetchone()[0]
+    return version
+
+
+def migrate(connection: sqlite3.Connection) -> list[int]:
+    """Bring the database to :data:`SCHEMA_VERSION`; return the versions
+    applied (empty when it was current). The connection must be in autocommit
+    mode (``isolation_level=None``): transactions here are explicit."""
+    applied: list[int] = []
+    while True:
+        # BEGIN IMMEDIATE takes the write lock before reading the version,
+        # so two openers cannot both apply the same step.
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            current = schema_version(connection)
+            if current > SCHEMA_VERSION:
+                raise SchemaTooNew(current)
+            if current == SCHEMA_VERSION:
+                connection.execute("COMMIT")
+                return applied
+            for statement in MIGRATIONS[current]:
+                connection.execute(statement)
+            # PRAGMA takes no parameters; the value is our own int.
+            connection.execute(f"PRAGMA user_version = {current + 1:d}")
+            connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        applied.append(current + 1)
