@@ -73,6 +73,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         defaults.coalesce_ms,
         "deltas within this window after a published one go out merged; 0 disables",
     )
+    option("--retain-runs", int, defaults.retain_runs, "ended runs kept for reattach")
+    option("--retain-seconds", float, defaults.retain_seconds, "seconds an ended run is kept")
     option("--log-level", str, defaults.log_level, "debug, info, warning or error")
     option("--model", str, defaults.model, "upstream agents: the model to ask")
     option("--ollama-url", str, defaults.ollama_url, "ollama agent: base URL")
@@ -121,6 +123,8 @@ def parse_settings(
             drain_timeout=args.drain_timeout,
             max_body_bytes=args.max_body_bytes,
             coalesce_ms=args.coalesce_ms,
+            retain_runs=args.retain_runs,
+            retain_seconds=args.retain_seconds,
             log_level=args.log_level,
             model=args.model,
             ollama_url=args.ollama_url,

@@ -20,7 +20,8 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .core.agent import Agent
 from .settings import Settings
-from .web.app import app_state, create_app
+from .web.app import create_app
+from .web.state import app_state
 
 logger = logging.getLogger(__name__)
 

@@ -27,9 +27,11 @@ awaited, shielded and bounded by ``cleanup_budget``. Then, shielded and
 bounded by ``cleanup_budget`` together, the iterator is closed (``aclose`` on
 the loop: its ``finally`` blocks run) and every task of the run is awaited.
 Tasks still running after that are cancelled and awaited once more (the same
-bound); only asyncio code that ignores cancellation can outlive ``run()``, and
-it is logged (``asyncio_task_abandoned``) and left to the loop, whose
-shutdown cancels and awaits every task still pending.
+bound). So a cancelled ``run()`` returns within three times
+``cleanup_budget`` however the asyncio code behaves; only asyncio code that
+ignores cancellation can outlive it, and it is logged
+(``asyncio_task_abandoned``) and left to the loop, whose shutdown cancels it
+once more and then abandons it for good (see :class:`AsyncioLoopHost`).
 
 Error handling: exceptions from the asyncio side come out of ``run()``
 unchanged: an :class:`AgentError` keeps its client-safe code, anything else
@@ -43,6 +45,7 @@ import _asyncio
 import asyncio
 import enum
 import logging
+import math
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextvars import ContextVar
@@ -139,13 +142,19 @@ async def _wait_done(task: asyncio.Future[Any]) -> None:
 
 
 async def _await_on_loop(
-    loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[T]], *, budget: float
+    loop: asyncio.AbstractEventLoop,
+    make: Callable[[], Awaitable[T]],
+    *,
+    budget: float,
+    deadline: float = math.inf,
 ) -> T:
     """``await make()`` as an asyncio task on ``loop``, from trio.
 
     The task is this call's: it is awaited whatever happens. If the caller is
-    cancelled, the task is cancelled and awaited (shielded, at most
-    ``budget`` seconds) before :class:`trio.Cancelled` propagates."""
+    cancelled, the task is cancelled and awaited, shielded, for at most
+    ``budget`` seconds and never past ``deadline``. A caller that is itself
+    a shielded, bounded cleanup passes its own deadline: the shield here
+    would otherwise let this wait run past it."""
 
     async def call() -> T:
         return await make()
@@ -161,10 +170,12 @@ async def _await_on_loop(
     finally:
         if not task.done():
             task.cancel()
-            with trio.move_on_after(budget, shield=True):
+            with trio.CancelScope(
+                deadline=min(trio.current_time() + budget, deadline), shield=True
+            ):
                 await _wait_done(task)
             if not task.done():
-                logger.warning("asyncio_task_abandoned task=%r budget_s=%s", task, budget)
+                logger.warning("asyncio_task_abandoned count=1 task=%r budget_s=%s", task, budget)
         if task.done() and not task.cancelled():
             # Mark a failure as retrieved even if Cancelled wins, so asyncio
             # does not log "exception was never retrieved".
@@ -201,10 +212,19 @@ class AsyncioLoopHost:
     """One trio-asyncio loop, open while :meth:`serve` runs. One per thread.
 
     Resource handling: :meth:`serve` opens the loop, reports itself started
-    and serves until cancelled or until :meth:`aclose`. On the way out it first
-    runs the closers registered with :meth:`on_close` on the loop (shielded,
-    bounded by ``shutdown_budget``), then leaves ``trio_asyncio.open_loop()``,
-    which cancels and awaits every asyncio task still pending.
+    and serves until cancelled or until :meth:`aclose`. On the way out, in
+    two steps each shielded and bounded by ``shutdown_budget``:
+
+    1. the closers registered with :meth:`on_close` run on the loop;
+    2. every asyncio task still pending is cancelled and awaited (tasks
+       started meanwhile too), then the loop's async generators are closed.
+
+    Tasks still running after that ignore cancellation: they are logged
+    (``asyncio_task_abandoned count=N``), counted in :attr:`abandoned_tasks`
+    and unregistered from asyncio, so that ``trio_asyncio.open_loop()``,
+    which would otherwise cancel and await each of them with no time limit,
+    closes the loop without them. So the way out takes at most twice
+    ``shutdown_budget``, whatever the asyncio code does.
     """
 
     shutdown_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
@@ -213,10 +233,16 @@ class AsyncioLoopHost:
     _closers: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list, init=False)
     _stop: trio.Event | None = attrs.field(default=None, init=False)
     _stopped: trio.Event | None = attrs.field(default=None, init=False)
+    _abandoned_tasks: int = attrs.field(default=0, init=False)
 
     @property
     def running(self) -> bool:
         return self._accepting
+
+    @property
+    def abandoned_tasks(self) -> int:
+        """How many asyncio tasks ignored the loop's shutdown and were left behind."""
+        return self._abandoned_tasks
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -253,16 +279,19 @@ class AsyncioLoopHost:
                     await self._stop.wait()
                 finally:
                     self._accepting = False
-                    with trio.move_on_after(self.shutdown_budget, shield=True) as cleanup:
-                        await self._run_closers(loop)
-                    if cleanup.cancelled_caught:
+                    with trio.move_on_after(self.shutdown_budget, shield=True) as closing:
+                        await self._run_closers(loop, deadline=closing.deadline)
+                    if closing.cancelled_caught:
                         logger.warning(
                             "asyncio_loop_close_budget_exceeded budget_s=%s", self.shutdown_budget
                         )
+                    with trio.move_on_after(self.shutdown_budget, shield=True) as finishing:
+                        await self._finish_tasks(loop, deadline=finishing.deadline)
+                    self._abandon_pending(loop)
                     self._loop = None
         finally:
-            # Only now: open_loop() has cancelled and awaited the loop's
-            # tasks, which may have needed it.
+            # Only now: open_loop() has closed the loop, whose last callbacks
+            # may have needed it.
             asyncio.events._set_running_loop(None)
             self._stopped.set()
 
@@ -275,12 +304,44 @@ class AsyncioLoopHost:
         self._stop.set()
         await self._stopped.wait()
 
-    async def _run_closers(self, loop: asyncio.AbstractEventLoop) -> None:
+    async def _run_closers(self, loop: asyncio.AbstractEventLoop, *, deadline: float) -> None:
         for closer in self._closers:
             try:
-                await _await_on_loop(loop, closer, budget=self.shutdown_budget)
+                await _await_on_loop(loop, closer, budget=self.shutdown_budget, deadline=deadline)
             except Exception:
                 logger.exception("asyncio loop host: a closer failed")
+
+    async def _finish_tasks(self, loop: asyncio.AbstractEventLoop, *, deadline: float) -> None:
+        """What ``open_loop()`` does on its way out, under the caller's bound:
+        cancel every pending task (once: a task that catches the cancellation
+        is not pestered) and await it, then close the loop's async generators."""
+        cancelled: set[asyncio.Task[Any]] = set()
+        while pending := asyncio.all_tasks(loop):
+            for task in pending - cancelled:
+                task.cancel()
+            cancelled |= pending
+            for task in pending:
+                await _wait_done(task)
+        await _await_on_loop(loop, loop.shutdown_asyncgens, budget=0, deadline=deadline)
+
+    def _abandon_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+        pending = asyncio.all_tasks(loop)
+        if not pending:
+            return
+        self._abandoned_tasks += len(pending)
+        logger.warning(
+            "asyncio_task_abandoned count=%d budget_s=%s tasks=%r",
+            len(pending),
+            self.shutdown_budget,
+            pending,
+        )
+        for task in pending:
+            # Private, present in CPython 3.11: asyncio has no public way to
+            # forget a task. all_tasks() then no longer lists it, and so
+            # open_loop() does not wait for it.
+            asyncio.tasks._unregister_task(task)
+        if still := asyncio.all_tasks(loop):
+            logger.error("asyncio_task_unregister_failed count=%d tasks=%r", len(still), still)
 
     async def call(self, make: Callable[[], Awaitable[T]], *, budget: float = 5.0) -> T:
         """``await make()`` on the loop, from trio (see :func:`_await_on_loop`)."""

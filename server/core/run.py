@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable
 from typing import Protocol, TypedDict
@@ -108,8 +109,12 @@ class Run:
     error: ErrorInfo | None = attrs.field(default=None, init=False)
     usage: Usage | None = attrs.field(default=None, init=False)
     finish_reason: str = attrs.field(default="stop", init=False)
+    # trio clock (durations, ordering) ...
     started_at: float | None = attrs.field(default=None, init=False)
     ended_at: float | None = attrs.field(default=None, init=False)
+    # ... and wall clock (UNIX seconds, for records)
+    created_at: float = attrs.field(factory=time.time, init=False)
+    finished_at: float | None = attrs.field(default=None, init=False)
     subscriber_count: int = attrs.field(default=0, init=False)
 
     _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -342,6 +347,7 @@ class Run:
             self.log.append(event_type(**self._envelope(), reason=self.cancel_reason))
         self.lifecycle.advance(RunState.ENDED)
         self.ended_at = trio.current_time()
+        self.finished_at = time.time()
         assert self.started_at is not None
         lifecycle_event(
             "stream_end",

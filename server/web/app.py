@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import attrs
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
@@ -25,30 +24,13 @@ from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAICh
 from ..wire.openai import completion
 from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
-from .errors import ApiError, error_response, install_error_handlers
+from .errors import error_response, install_error_handlers
 from .requests import ChatRequest, parse_chat_request, parse_session_id
-from .streaming import RunStream, wait_for_end
+from .runs import install_run_routes
+from .state import AppState
+from .streaming import RunStream, streaming_response, wait_for_end
 
 NDJSON = "application/x-ndjson"
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@attrs.define(eq=False)
-class AppState:
-    settings: Settings
-    agent: Agent
-    keyring: KeyRing
-    manager: SessionManager | None = None
-
-    def running_manager(self) -> SessionManager:
-        if self.manager is None:
-            raise ApiError(503, "starting", "The server is starting.", headers={"Retry-After": "1"})
-        return self.manager
-
-
-def app_state(app: QuartTrio) -> AppState:
-    state: AppState = app.extensions["stream_server"]
-    return state
 
 
 def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
@@ -67,6 +49,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     )
     app.extensions["stream_server"] = state
     install_error_handlers(app)
+    install_run_routes(app, state)
 
     @app.before_serving
     async def start_engine() -> None:
@@ -81,6 +64,8 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
                 cleanup_budget=settings.cleanup_budget,
                 idle_timeout=settings.idle_timeout,
                 coalesce_window=settings.coalesce_ms / 1000,
+                keep_ended_runs=settings.retain_runs,
+                keep_ended_seconds=settings.retain_seconds,
             ),
         )
         state.manager = await app.nursery.start(manager.serve)
@@ -106,19 +91,18 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         model = chat.model or state.agent.name
         encoder = negotiate(chat, model=model)
         headers = {"X-Run-Id": run.run_id, "X-Session-Id": run.session_id}
+        cancel_on_disconnect = chat.on_disconnect == "cancel"
         if encoder is None:
-            return await complete_once(run, model=model, headers=headers)
-        stream = RunStream(run, encoder, heartbeat_interval=settings.heartbeat_interval)
-        response = app.response_class(
-            # Quart-Trio streams async generators; anything else it iterates
-            # synchronously.
-            aiter(stream),
-            content_type=encoder.media_type,
-            headers={**STREAM_HEADERS, **headers},
+            return await complete_once(
+                run, model=model, headers=headers, cancel_on_disconnect=cancel_on_disconnect
+            )
+        stream = RunStream(
+            run,
+            encoder,
+            heartbeat_interval=settings.heartbeat_interval,
+            cancel_on_close=cancel_on_disconnect,
         )
-        response.timeout = None
-        response.run_stream = stream  # type: ignore[attr-defined]  # closed by StreamingHTTPConnection
-        return response
+        return streaming_response(app.response_class, stream, headers)
 
     return app
 
@@ -148,8 +132,10 @@ def negotiate(chat: ChatRequest, *, model: str) -> FrameEncoder | None:
     return None
 
 
-async def complete_once(run: Run, *, model: str, headers: dict[str, str]) -> Response:
-    terminal = await wait_for_end(run)
+async def complete_once(
+    run: Run, *, model: str, headers: dict[str, str], cancel_on_disconnect: bool
+) -> Response:
+    terminal = await wait_for_end(run, cancel_on_disconnect=cancel_on_disconnect)
     if isinstance(terminal, RunFailed):
         # The agent's or upstream's failure is a bad gateway; our own is a 500.
         status = 500 if terminal.error.code == "internal_error" else 502

@@ -58,6 +58,8 @@ class ChatRequest:
     # Native typed events over SSE instead of OpenAI chunks (same as the
     # ``X-Stream-Format: events`` header).
     stream_format: Literal["openai", "events"] | None = None
+    # "continue": the run goes on (and can be reattached) after the client leaves.
+    on_disconnect: Literal["cancel", "continue"] = "cancel"
 
     def agent_request(self) -> AgentRequest:
         turns = tuple(ChatTurn(role=m.role, content=m.text) for m in self.messages or ())

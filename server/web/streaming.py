@@ -13,11 +13,14 @@ from collections.abc import AsyncIterator
 
 import attrs
 import trio
+from quart import Response
 
 from ..core.eventlog import Subscription
 from ..core.events import CancelReason, TerminalEvent
 from ..core.run import Run
 from ..wire import FrameEncoder
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @attrs.define(eq=False)
@@ -35,6 +38,8 @@ class RunStream:
     encoder: FrameEncoder
     heartbeat_interval: float
     after: int = -1
+    # False for readers that only watch (reattach, on_disconnect=continue).
+    cancel_on_close: bool = True
     _subscription: Subscription = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -61,17 +66,33 @@ class RunStream:
     def close(self) -> None:
         """Synchronous and idempotent: safe in a cancelled task's ``finally``."""
         self._subscription.close()
-        if not self._subscription.finished:
+        if self.cancel_on_close and not self._subscription.finished:
             self.run.cancel(CancelReason.CLIENT_DISCONNECT)
 
 
-async def wait_for_end(run: Run) -> TerminalEvent:
+def streaming_response(
+    response_class: type[Response], stream: RunStream, headers: dict[str, str]
+) -> Response:
+    response = response_class(
+        # Quart-Trio streams async generators; anything else it iterates
+        # synchronously.
+        aiter(stream),
+        content_type=stream.encoder.media_type,
+        headers={**STREAM_HEADERS, **headers},
+    )
+    response.timeout = None  # a stream ends when its run does, not at 60 s
+    response.run_stream = stream  # type: ignore[attr-defined]  # see StreamingHTTPConnection
+    return response
+
+
+async def wait_for_end(run: Run, *, cancel_on_disconnect: bool = True) -> TerminalEvent:
     """Wait for the run's terminal event on behalf of a client that wants one
-    answer; a client that goes away meanwhile cancels the run."""
+    answer; a client that goes away meanwhile cancels the run (unless it
+    asked for the run to continue)."""
     try:
         await run.wait_ended()
     finally:
-        if not run.ended:
+        if cancel_on_disconnect and not run.ended:
             run.cancel(CancelReason.CLIENT_DISCONNECT)
     terminal = run.terminal
     assert terminal is not None

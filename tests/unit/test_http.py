@@ -16,8 +16,9 @@ from quart_trio import QuartTrio
 
 from server.core.events import CancelReason, RunCancelled, RunStatus
 from server.settings import Settings
-from server.web.app import app_state, create_app
+from server.web.app import create_app
 from server.web.auth import principal_of
+from server.web.state import app_state
 
 AUTH = {"Authorization": "Bearer devkey"}
 PATH = "/v1/chat/completions"

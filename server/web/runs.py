@@ -1,0 +1,127 @@
+"""Runs as resources: inspect, reattach, stop; and a session's runs.
+
+* ``GET /v1/runs/{run_id}``: the run's record (owner only; others get 404).
+* ``GET /v1/runs/{run_id}/events``: the run's native events from the start,
+  or after ``Last-Event-ID: <run_id>:<seq>`` / ``?after=<seq>``, then live
+  until the terminal event; NDJSON with ``Accept: application/x-ndjson``,
+  else SSE. A reader here only watches: leaving does not cancel the run.
+  Past retention: 410.
+* ``POST /v1/runs/{run_id}/cancel``: the Stop button (reason
+  ``client_stop``); idempotent; answers the record with the final status.
+* ``GET /v1/sessions/{session_id}``: the current run and recent runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from quart import Response, jsonify, request
+from quart_trio import QuartTrio
+
+from ..core.events import CancelReason, RunFailed
+from ..core.registry import Gone
+from ..core.run import Run
+from ..wire import NativeNdjsonEncoder, NativeSseEncoder
+from ..wire.native import usage_dict
+from .errors import ApiError
+from .requests import parse_session_id
+from .state import AppState
+from .streaming import RunStream, streaming_response
+
+RECENT_RUNS = 10
+
+
+def run_record(run: Run) -> dict[str, Any]:
+    terminal = run.terminal
+    error = terminal.error if isinstance(terminal, RunFailed) else None
+    return {
+        "id": run.run_id,
+        "object": "run",
+        "session_id": run.session_id,
+        "status": run.status.value,
+        "cancel_reason": run.cancel_reason.value if run.cancel_reason is not None else None,
+        "finish_reason": run.finish_reason if run.status.value == "completed" else None,
+        "text": run.text,
+        "usage": usage_dict(run.usage) if run.usage is not None else None,
+        "error": {"code": error.code, "message": error.message} if error is not None else None,
+        "events": len(run.log),
+        "created_at": run.created_at,
+        "finished_at": run.finished_at,
+    }
+
+
+def parse_after(run_id: str) -> int:
+    """The last seq the client has: from Last-Event-ID or ``?after``; -1 for none."""
+    last_event_id = request.headers.get("Last-Event-ID")
+    after = request.args.get("after")
+    if last_event_id is not None:
+        owner, _, seq = last_event_id.rpartition(":")
+        if owner != run_id or not seq.isdigit():
+            raise ApiError(400, "invalid_last_event_id", f"Last-Event-ID must be '{run_id}:<seq>'.")
+        return int(seq)
+    if after is not None:
+        if not after.lstrip("-").isdigit() or int(after) < -1:
+            raise ApiError(400, "invalid_after", "'after' must be a seq number (or -1).")
+        return int(after)
+    return -1
+
+
+def install_run_routes(app: QuartTrio, state: AppState) -> None:
+    def find_run(run_id: str) -> Run:
+        principal = state.keyring.authenticate(request.headers.get("Authorization"))
+        found = state.running_manager().runs.lookup(principal, run_id)
+        if isinstance(found, Gone):
+            raise ApiError(
+                410, "run_gone", "The run's events are past retention and no longer kept."
+            )
+        if found is None:
+            raise ApiError(404, "run_not_found", "No such run.")
+        return found
+
+    @app.get("/v1/runs/<run_id>")
+    async def get_run(run_id: str) -> Response:  # noqa: ASYNC124
+        return jsonify(run_record(find_run(run_id)))
+
+    @app.get("/v1/runs/<run_id>/events")
+    async def run_events(run_id: str) -> Response:  # noqa: ASYNC124
+        run = find_run(run_id)
+        after = parse_after(run_id)
+        if after >= len(run.log) and run.ended:
+            after = len(run.log) - 1  # nothing more will come
+        ndjson = "application/x-ndjson" in request.headers.get("Accept", "")
+        encoder = NativeNdjsonEncoder() if ndjson else NativeSseEncoder()
+        stream = RunStream(
+            run,
+            encoder,
+            heartbeat_interval=state.settings.heartbeat_interval,
+            after=after,
+            cancel_on_close=False,
+        )
+        headers = {"X-Run-Id": run.run_id, "X-Session-Id": run.session_id}
+        return streaming_response(app.response_class, stream, headers)
+
+    @app.post("/v1/runs/<run_id>/cancel")
+    async def cancel_run(run_id: str) -> Response:
+        run = find_run(run_id)
+        run.cancel(CancelReason.CLIENT_STOP)
+        await run.wait_ended()  # bounded by the run's cleanup budget
+        return jsonify(run_record(run))
+
+    @app.get("/v1/sessions/<session_id>")
+    async def get_session(session_id: str) -> Response:  # noqa: ASYNC124
+        principal = state.keyring.authenticate(request.headers.get("Authorization"))
+        parse_session_id(session_id)
+        manager = state.running_manager()
+        recent = manager.runs.for_session(principal, session_id, RECENT_RUNS)
+        session = manager.find_session(principal, session_id)
+        current = session.current if session is not None else (recent[0] if recent else None)
+        if current is None:
+            raise ApiError(404, "session_not_found", "No such session.")
+        return jsonify(
+            {
+                "id": session_id,
+                "object": "session",
+                "current_run": {"id": current.run_id, "status": current.status.value},
+                "recent_runs": [run_record(run) for run in recent],
+            }
+        )

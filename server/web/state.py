@@ -1,0 +1,30 @@
+"""What the routes share: settings, the agent, keys and the running engine."""
+
+from __future__ import annotations
+
+import attrs
+from quart_trio import QuartTrio
+
+from ..core.agent import Agent
+from ..core.manager import SessionManager
+from ..settings import Settings
+from .auth import KeyRing
+from .errors import ApiError
+
+
+@attrs.define(eq=False)
+class AppState:
+    settings: Settings
+    agent: Agent
+    keyring: KeyRing
+    manager: SessionManager | None = None
+
+    def running_manager(self) -> SessionManager:
+        if self.manager is None:
+            raise ApiError(503, "starting", "The server is starting.", headers={"Retry-After": "1"})
+        return self.manager
+
+
+def app_state(app: QuartTrio) -> AppState:
+    state: AppState = app.extensions["stream_server"]
+    return state
