@@ -73,6 +73,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         defaults.coalesce_ms,
         "deltas within this window after a published one go out merged; 0 disables",
     )
+    option(
+        "--data-dir",
+        str,
+        defaults.data_dir,
+        "directory of the run store (runs.sqlite3); '' keeps records in memory only",
+    )
     option("--retain-runs", int, defaults.retain_runs, "ended runs kept for reattach")
     option("--retain-seconds", float, defaults.retain_seconds, "seconds an ended run is kept")
     option("--log-level", str, defaults.log_level, "debug, info, warning or error")
@@ -123,6 +129,7 @@ def parse_settings(
             drain_timeout=args.drain_timeout,
             max_body_bytes=args.max_body_bytes,
             coalesce_ms=args.coalesce_ms,
+            data_dir=args.data_dir,
             retain_runs=args.retain_runs,
             retain_seconds=args.retain_seconds,
             log_level=args.log_level,

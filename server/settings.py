@@ -28,6 +28,8 @@ class Settings:
     max_body_bytes: int = attrs.field(default=MiB, validator=attrs.validators.gt(0))
     # Deltas arriving within this many ms of a published one are merged.
     coalesce_ms: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
+    # The run store (SQLite) lives here; "" keeps run records in memory only.
+    data_dir: str = "data"
     # Ended runs whose events stay available for reattach (then 410).
     retain_runs: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
     retain_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))

@@ -207,24 +207,50 @@ async def _settle(loop: asyncio.AbstractEventLoop, run_tasks: _RunTasks) -> None
             return
 
 
+async def _cancel_all_tasks(
+    loop: asyncio.AbstractEventLoop, cancelled: set[asyncio.Task[Any]]
+) -> None:
+    """Cancel every task of ``loop`` and await it, and the tasks started
+    meanwhile; add each to ``cancelled``. Each task is cancelled once: one
+    that catches its cancellation is not pestered. A task that fails is logged."""
+    while pending := asyncio.all_tasks(loop):
+        for task in pending - cancelled:
+            task.cancel()
+        cancelled |= pending
+        for task in pending:
+            await _wait_done(task)
+            if not task.cancelled() and (error := task.exception()) is not None:
+                logger.error("asyncio task failed as the loop shut down: %r", task, exc_info=error)
+
+
+def _log_asyncio_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    logger.error(
+        "asyncio_error_during_shutdown %s",
+        context.get("message"),
+        exc_info=context.get("exception"),
+    )
+
+
 @attrs.define(eq=False)
 class AsyncioLoopHost:
     """One trio-asyncio loop, open while :meth:`serve` runs. One per thread.
 
     Resource handling: :meth:`serve` opens the loop, reports itself started
     and serves until cancelled or until :meth:`aclose`. On the way out, in
-    two steps each shielded and bounded by ``shutdown_budget``:
+    three steps, each shielded and bounded by ``shutdown_budget``:
 
     1. the closers registered with :meth:`on_close` run on the loop;
-    2. every asyncio task still pending is cancelled and awaited (tasks
-       started meanwhile too), then the loop's async generators are closed.
+    2. every asyncio task still pending is cancelled and awaited (and so
+       are the tasks started meanwhile);
+    3. the loop's async generators are closed.
 
-    Tasks still running after that ignore cancellation: they are logged
-    (``asyncio_task_abandoned count=N``), counted in :attr:`abandoned_tasks`
-    and unregistered from asyncio, so that ``trio_asyncio.open_loop()``,
-    which would otherwise cancel and await each of them with no time limit,
-    closes the loop without them. So the way out takes at most twice
-    ``shutdown_budget``, whatever the asyncio code does.
+    Steps 2 and 3 are what ``trio_asyncio.open_loop()`` does on its way out,
+    but with no time limit. Tasks still running after step 3 ignored their
+    cancellation: they are logged (``asyncio_task_abandoned count=N``),
+    counted in :attr:`abandoned_tasks` and unregistered from asyncio, so
+    that ``open_loop()`` finds nothing left to wait for. So :meth:`aclose`
+    returns within three times ``shutdown_budget``, whatever the asyncio
+    code does.
     """
 
     shutdown_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
@@ -279,15 +305,20 @@ class AsyncioLoopHost:
                     await self._stop.wait()
                 finally:
                     self._accepting = False
-                    with trio.move_on_after(self.shutdown_budget, shield=True) as closing:
+                    budget = self.shutdown_budget
+                    with trio.move_on_after(budget, shield=True) as closing:
                         await self._run_closers(loop, deadline=closing.deadline)
                     if closing.cancelled_caught:
-                        logger.warning(
-                            "asyncio_loop_close_budget_exceeded budget_s=%s", self.shutdown_budget
-                        )
-                    with trio.move_on_after(self.shutdown_budget, shield=True) as finishing:
-                        await self._finish_tasks(loop, deadline=finishing.deadline)
-                    self._abandon_pending(loop)
+                        logger.warning("asyncio_loop_close_budget_exceeded budget_s=%s", budget)
+                    # trio-asyncio's own handler raises every error asyncio
+                    # reports into the host's nursery; on the way out, it is logged.
+                    loop.set_exception_handler(_log_asyncio_error)
+                    cancelled: set[asyncio.Task[Any]] = set()
+                    with trio.move_on_after(budget, shield=True):
+                        await _cancel_all_tasks(loop, cancelled)
+                    with trio.move_on_after(budget, shield=True):
+                        await _wait_done(loop.create_task(loop.shutdown_asyncgens()))
+                    self._abandon_pending(loop, cancelled)
                     self._loop = None
         finally:
             # Only now: open_loop() has closed the loop, whose last callbacks
@@ -311,20 +342,9 @@ class AsyncioLoopHost:
             except Exception:
                 logger.exception("asyncio loop host: a closer failed")
 
-    async def _finish_tasks(self, loop: asyncio.AbstractEventLoop, *, deadline: float) -> None:
-        """What ``open_loop()`` does on its way out, under the caller's bound:
-        cancel every pending task (once: a task that catches the cancellation
-        is not pestered) and await it, then close the loop's async generators."""
-        cancelled: set[asyncio.Task[Any]] = set()
-        while pending := asyncio.all_tasks(loop):
-            for task in pending - cancelled:
-                task.cancel()
-            cancelled |= pending
-            for task in pending:
-                await _wait_done(task)
-        await _await_on_loop(loop, loop.shutdown_asyncgens, budget=0, deadline=deadline)
-
-    def _abandon_pending(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _abandon_pending(
+        self, loop: asyncio.AbstractEventLoop, cancelled: set[asyncio.Task[Any]]
+    ) -> None:
         pending = asyncio.all_tasks(loop)
         if not pending:
             return
@@ -335,10 +355,14 @@ class AsyncioLoopHost:
             self.shutdown_budget,
             pending,
         )
+        for task in pending - cancelled:
+            # Started since (those closing async generators, for one): their last chance.
+            task.cancel()
         for task in pending:
-            # Private, present in CPython 3.11: asyncio has no public way to
-            # forget a task. all_tasks() then no longer lists it, and so
-            # open_loop() does not wait for it.
+            # asyncio has no public way to forget a task; this private one is
+            # in CPython 3.11. all_tasks() then no longer lists the task, so
+            # open_loop() does not wait for it. Should that stop working, the
+            # error below says why the shutdown hangs.
             asyncio.tasks._unregister_task(task)
         if still := asyncio.all_tasks(loop):
             logger.error("asyncio_task_unregister_failed count=%d tasks=%r", len(still), still)
@@ -376,11 +400,13 @@ class AsyncioAgentAdapter:
     """An :class:`~server.core.agent.Agent` running ``agent.stream`` on
     ``host``'s loop (see the module docstring for cancellation).
 
-    ``cleanup_budget`` bounds each shielded wait of the cleanup: for the
-    cancelled step to finish, for closing the iterator and settling the
-    run's tasks, and (only if that overran) for the leftovers to take their
-    cancellation; a cancelled run returns within three times that, however
-    the asyncio code behaves.
+    ``cleanup_budget`` bounds each of the cleanup's three shielded waits,
+    one after the other: for the cancelled step to finish; for closing the
+    iterator and settling the run's tasks together (the close's own wait
+    ends at that shared deadline); and, only if that overran, for the
+    leftovers to take their cancellation. So ``run()`` returns within three
+    times ``cleanup_budget`` of being cancelled, however the asyncio code
+    behaves.
     """
 
     agent: AsyncioAgent
@@ -420,7 +446,7 @@ class AsyncioAgentAdapter:
         finally:
             with trio.move_on_after(budget, shield=True) as cleanup:
                 if iterator is not None:
-                    await self._close_iterator(loop, iterator)
+                    await self._close_iterator(loop, iterator, deadline=cleanup.deadline)
                 await _settle(loop, run_tasks)
             if cleanup.cancelled_caught:
                 with trio.move_on_after(budget, shield=True):
@@ -429,7 +455,7 @@ class AsyncioAgentAdapter:
             _RUN_TASKS.reset(context_token)
 
     async def _close_iterator(
-        self, loop: asyncio.AbstractEventLoop, iterator: AsyncIterator[object]
+        self, loop: asyncio.AbstractEventLoop, iterator: AsyncIterator[object], *, deadline: float
     ) -> None:
         """``aclose`` on the loop: a no-op for an exhausted generator; after
         a cancellation it runs the generator's ``finally`` blocks. Its
@@ -438,7 +464,7 @@ class AsyncioAgentAdapter:
         if aclose is None:
             return
         try:
-            await _await_on_loop(loop, aclose, budget=self.cleanup_budget)
+            await _await_on_loop(loop, aclose, budget=self.cleanup_budget, deadline=deadline)
         except Exception:
             logger.exception("asyncio agent %s: closing its stream failed", self.name)
 
@@ -460,7 +486,12 @@ class AsyncioAgentAdapter:
             await _settle(loop, run_tasks)
         finally:
             if pending := run_tasks.pending():
-                logger.warning("asyncio_task_abandoned agent=%s tasks=%r", self.name, pending)
+                logger.warning(
+                    "asyncio_task_abandoned count=%d agent=%s tasks=%r",
+                    len(pending),
+                    self.name,
+                    pending,
+                )
 
     @property
     def serve(self) -> Callable[..., Awaitable[None]]:
@@ -471,11 +502,14 @@ class AsyncioAgentAdapter:
 
     async def aclose(self) -> None:
         """Close the wrapped agent (its ``aclose``, an asyncio coroutine
-        function) on the loop, then the loop if the adapter owns it. Closing
-        the agent is a no-op once the host stopped: it ran the same closer on
-        its way out."""
+        function) on the loop. When the adapter ``owns_host`` that is the
+        host's job: it runs the agent's closer (registered at construction)
+        on its way out, so this only closes the host. Otherwise the agent is
+        closed now, if the host still serves (once it stopped, it ran the
+        closer already)."""
+        if self.owns_host:
+            await self.host.aclose()
+            return
         closer = getattr(self.agent, "aclose", None)
         if callable(closer) and self.host.running:
             await self.host.call(closer, budget=self.cleanup_budget)
-        if self.owns_host:
-            await self.host.aclose()

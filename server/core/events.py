@@ -133,31 +133,34 @@ class RunMessage(_RunEvent):
 
 
 @attrs.frozen(kw_only=True)
-class RunCompleted(_RunEvent):
-    type: ClassVar[str] = "run.completed"
+class _TerminalEvent(_RunEvent):
     terminal: ClassVar[bool] = True
+    # Something that went wrong around the run (e.g. recording it), for clients.
+    error_details: ErrorInfo | None = None
+
+
+@attrs.frozen(kw_only=True)
+class RunCompleted(_TerminalEvent):
+    type: ClassVar[str] = "run.completed"
     usage: Usage | None = None
     finish_reason: str = "stop"
 
 
 @attrs.frozen(kw_only=True)
-class RunCancelled(_RunEvent):
+class RunCancelled(_TerminalEvent):
     type: ClassVar[str] = "run.cancelled"
-    terminal: ClassVar[bool] = True
     reason: CancelReason
 
 
 @attrs.frozen(kw_only=True)
-class RunInterrupted(_RunEvent):
+class RunInterrupted(_TerminalEvent):
     type: ClassVar[str] = "run.interrupted"
-    terminal: ClassVar[bool] = True
     reason: CancelReason
 
 
 @attrs.frozen(kw_only=True)
-class RunFailed(_RunEvent):
+class RunFailed(_TerminalEvent):
     type: ClassVar[str] = "run.failed"
-    terminal: ClassVar[bool] = True
     error: ErrorInfo
 
 

@@ -25,7 +25,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol, TypedDict
 
 import attrs
@@ -64,16 +64,32 @@ INTERNAL_ERROR = ErrorInfo(
 )
 
 
-class RunObserver(Protocol):
-    """Told when a run ends, before its terminal event is published.
+class ObserverError(Exception):
+    """An observer (the run store) failed; ``error_info`` is client-safe and
+    goes on the run's terminal event as ``error_details``."""
 
-    Runs inside the run's shielded, bounded cleanup: the seam where the run
-    store records the terminal status."""
+    @property
+    def error_info(self) -> ErrorInfo:
+        return ErrorInfo(code="observer_failed", message="The run could not be recorded.")
+
+
+class RunObserver(Protocol):
+    """Told when a run starts and when it ends (before its terminal event is
+    published): the seam where the run store records runs.
+
+    ``run_started`` runs once the run is registered, bounded by the cleanup
+    budget; ``run_ended`` inside the run's shielded, bounded cleanup. A
+    failure is logged and reported on the terminal event, never fatal."""
+
+    async def run_started(self, run: Run) -> None: ...
 
     async def run_ended(self, run: Run, status: RunStatus) -> None: ...
 
 
 class NullObserver:
+    async def run_started(self, run: Run) -> None:
+        return None
+
     async def run_ended(self, run: Run, status: RunStatus) -> None:
         return None
 
@@ -94,6 +110,7 @@ class Run:
     request: AgentRequest
     agent: Agent
     cleanup_budget: float
+    principal: str = ""
     observer: RunObserver = attrs.field(factory=NullObserver)
     # Seconds deltas are gathered into one run.delta (0: publish each at once).
     coalesce_window: float = 0.0
@@ -107,6 +124,8 @@ class Run:
     lifecycle: Lifecycle = attrs.field(factory=Lifecycle, init=False)
     cancel_reason: CancelReason | None = attrs.field(default=None, init=False)
     error: ErrorInfo | None = attrs.field(default=None, init=False)
+    # What went wrong around the run (recording it), reported on its terminal event.
+    error_details: ErrorInfo | None = attrs.field(default=None, init=False)
     usage: Usage | None = attrs.field(default=None, init=False)
     finish_reason: str = attrs.field(default="stop", init=False)
     # trio clock (durations, ordering) ...
@@ -201,6 +220,8 @@ class Run:
         finished = False
         try:
             with self._cancel_scope:
+                with trio.move_on_after(self.cleanup_budget):
+                    await self._tell_observer(self.observer.run_started(self))
                 async with trio.open_nursery() as nursery:
                     send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
                     nursery.start_soon(self._drive_agent, send_channel)
@@ -222,10 +243,7 @@ class Run:
                 lifecycle_event("stream_cancelled", trace=self.run_id, reason="shutdown")
             status = self._final_status()
             with trio.move_on_after(self.cleanup_budget, shield=True) as cleanup:
-                try:
-                    await self.observer.run_ended(self, status)
-                except Exception:
-                    logger.exception("run %s: observer failed in cleanup", self.run_id)
+                await self._tell_observer(self.observer.run_ended(self, status))
             if cleanup.cancelled_caught:
                 logger.warning(
                     "cleanup_budget_exceeded trace=%s budget_s=%s", self.run_id, self.cleanup_budget
@@ -237,6 +255,16 @@ class Run:
                 # must not wait forever.
                 self._ended.set()
                 self.on_ended(self)
+
+    async def _tell_observer(self, call: Awaitable[None]) -> None:
+        try:
+            await call
+        except ObserverError as exc:
+            logger.warning("run %s: observer failed: %s", self.run_id, exc.error_info.code)
+            self.error_details = exc.error_info
+        except Exception:
+            logger.exception("run %s: observer failed", self.run_id)
+            self.error_details = ObserverError().error_info
 
     async def _drive_agent(self, send_channel: trio.MemorySendChannel[AgentOutput]) -> None:
         async with send_channel:
@@ -336,15 +364,26 @@ class Run:
         if status is RunStatus.COMPLETED:
             self.log.append(RunMessage(**self._envelope(), text=self.text))
             self.log.append(
-                RunCompleted(**self._envelope(), usage=self.usage, finish_reason=self.finish_reason)
+                RunCompleted(
+                    **self._envelope(),
+                    usage=self.usage,
+                    finish_reason=self.finish_reason,
+                    error_details=self.error_details,
+                )
             )
         elif status is RunStatus.FAILED:
             assert self.error is not None
-            self.log.append(RunFailed(**self._envelope(), error=self.error))
+            self.log.append(
+                RunFailed(**self._envelope(), error=self.error, error_details=self.error_details)
+            )
         else:
             assert self.cancel_reason is not None
             event_type = RunInterrupted if status is RunStatus.INTERRUPTED else RunCancelled
-            self.log.append(event_type(**self._envelope(), reason=self.cancel_reason))
+            self.log.append(
+                event_type(
+                    **self._envelope(), reason=self.cancel_reason, error_details=self.error_details
+                )
+            )
         self.lifecycle.advance(RunState.ENDED)
         self.ended_at = trio.current_time()
         self.finished_at = time.time()

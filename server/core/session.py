@@ -226,6 +226,7 @@ class Session:
                 raise Draining
         run = Run(
             session_id=self.session_id,
+            principal=self.key.principal,
             request=request,
             agent=self.agent,
             cleanup_budget=self.config.cleanup_budget,

@@ -32,18 +32,19 @@ class StoreObserver:
     # Started runs whose row is not in the store yet, by run id.
     _unrecorded: dict[str, RunRecord] = attrs.field(factory=dict, init=False)
 
-    async def run_started(self, run: Run, *, principal: str, agent_name: str) -> None:
+    async def run_started(self, run: Run) -> None:
         record = RunRecord(
             run_id=run.run_id,
-            principal=principal,
+            principal=run.principal,
             session_id=run.session_id,
             prompt=run.request.prompt,
-            agent=agent_name,
+            agent=run.agent.name,
             status=RunStatus.RUNNING,
             created_at=self.store.clock(),
         )
         try:
             await self.store.insert_started(record)
+            self._unrecorded.pop(run.run_id, None)  # recorded after an earlier failure
         except StoreWriteError:
             logger.warning("run %s: start not recorded (retried when it ends)", run.run_id)
             self._unrecorded[run.run_id] = record

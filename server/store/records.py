@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from ..core.events import CancelReason, ErrorInfo, RunStatus, Usage
+from ..core.run import ObserverError
 
 CRASH_RECOVERY = "crash_recovery"
 STORED_CANCEL_REASONS = frozenset({reason.value for reason in CancelReason} | {CRASH_RECOVERY})
@@ -71,7 +72,7 @@ class RunRecord:
         return ErrorInfo(code=self.error_code, message=self.error_message or "")
 
 
-class StoreError(Exception):
+class StoreError(ObserverError):
     """The run store could not do what was asked.
 
     ``code`` and ``message`` are client-safe (fit for ``error_details`` on a
@@ -86,7 +87,7 @@ class StoreError(Exception):
         self.operation = operation
 
     @property
-    def error_info(self) -> ErrorInfo:
+    def error_info(self) -> ErrorInfo:  # reported as error_details by the engine
         return ErrorInfo(code=self.code, message=self.message)
 
 

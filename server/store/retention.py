@@ -24,7 +24,7 @@ def _non_negative(instance: object, attribute: object, value: float | None) -> N
         raise ValueError("max_age must be >= 0")
 
 
-@attrs.frozen(kw_only=True)
+@attrs.define(kw_only=True)
 class Retention:
     store: SqliteRunStore
     # Ended runs kept, most recently finished first.
@@ -33,15 +33,21 @@ class Retention:
     max_age: float | None = attrs.field(default=7 * 24 * 3600.0, validator=_non_negative)
     # Seconds between prunes.
     interval: float = attrs.field(default=600.0, validator=attrs.validators.gt(0))
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Prune now and every ``interval`` until :meth:`stop`."""
         started = False
-        while True:
-            try:
-                await self.store.prune(keep_last=self.keep_last, older_than=self.max_age)
-            except StoreError:
-                logger.warning("run_store_retention_failed: trying again in %ss", self.interval)
-            if not started:
-                task_status.started()
-                started = True
-            await trio.sleep(self.interval)
+        with self._scope:
+            while True:
+                try:
+                    await self.store.prune(keep_last=self.keep_last, older_than=self.max_age)
+                except StoreError:
+                    logger.warning("run_store_retention_failed: trying again in %ss", self.interval)
+                if not started:
+                    task_status.started()
+                    started = True
+                await trio.sleep(self.interval)
+
+    def stop(self) -> None:
+        self._scope.cancel()

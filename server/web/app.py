@@ -18,8 +18,9 @@ from ..agents import build_agent
 from ..core.agent import Agent
 from ..core.events import RunFailed
 from ..core.manager import EngineConfig, SessionManager
-from ..core.run import Run
+from ..core.run import NullObserver, Run, RunObserver
 from ..settings import Settings
+from ..store import Retention, SqliteRunStore, StoreObserver
 from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder
 from ..wire.openai import completion
 from .asgi import StreamingHTTPConnection
@@ -58,8 +59,16 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         serve_agent = getattr(state.agent, "serve", None)
         if serve_agent is not None:
             await app.nursery.start(serve_agent)
+        observer: RunObserver = NullObserver()
+        if settings.data_dir:
+            # Opening marks rows a crash left running as interrupted.
+            state.store = await SqliteRunStore.open(Path(settings.data_dir))
+            observer = StoreObserver(state.store)
+            state.retention = Retention(store=state.store)
+            await app.nursery.start(state.retention.serve)
         manager = SessionManager(
             agent=state.agent,
+            observer=observer,
             config=EngineConfig(
                 cleanup_budget=settings.cleanup_budget,
                 idle_timeout=settings.idle_timeout,
@@ -72,12 +81,18 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
 
     @app.after_serving
     async def stop_engine() -> None:
+        # Runs first (their cleanup records their terminal status), then the
+        # agent, then the store.
         if state.manager is not None:
             await state.manager.aclose()
         aclose = getattr(state.agent, "aclose", None)
         if aclose is not None:
             with trio.move_on_after(settings.cleanup_budget):
                 await aclose()
+        if state.retention is not None:
+            state.retention.stop()
+        if state.store is not None:
+            await state.store.aclose()
 
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:

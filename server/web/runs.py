@@ -21,6 +21,7 @@ from quart_trio import QuartTrio
 from ..core.events import CancelReason, RunFailed
 from ..core.registry import Gone
 from ..core.run import Run
+from ..store import RunRecord, StoreError
 from ..wire import NativeNdjsonEncoder, NativeSseEncoder
 from ..wire.native import usage_dict
 from .errors import ApiError
@@ -50,6 +51,26 @@ def run_record(run: Run) -> dict[str, Any]:
     }
 
 
+def stored_record(record: RunRecord) -> dict[str, Any]:
+    """A run known only to the store (its log is past retention, or the
+    server restarted): the same shape, without the event count."""
+    error = record.error
+    return {
+        "id": record.run_id,
+        "object": "run",
+        "session_id": record.session_id,
+        "status": record.status.value,
+        "cancel_reason": record.cancel_reason,
+        "finish_reason": None,
+        "text": record.text,
+        "usage": usage_dict(record.usage) if record.usage is not None else None,
+        "error": {"code": error.code, "message": error.message} if error is not None else None,
+        "events": None,
+        "created_at": record.created_at,
+        "finished_at": record.finished_at,
+    }
+
+
 def parse_after(run_id: str) -> int:
     """The last seq the client has: from Last-Event-ID or ``?after``; -1 for none."""
     last_event_id = request.headers.get("Last-Event-ID")
@@ -67,9 +88,12 @@ def parse_after(run_id: str) -> int:
 
 
 def install_run_routes(app: QuartTrio, state: AppState) -> None:
-    def find_run(run_id: str) -> Run:
+    def lookup(run_id: str) -> tuple[str, Run | Gone | None]:
         principal = state.keyring.authenticate(request.headers.get("Authorization"))
-        found = state.running_manager().runs.lookup(principal, run_id)
+        return principal, state.running_manager().runs.lookup(principal, run_id)
+
+    def find_run(run_id: str) -> Run:
+        _, found = lookup(run_id)
         if isinstance(found, Gone):
             raise ApiError(
                 410, "run_gone", "The run's events are past retention and no longer kept."
@@ -79,8 +103,19 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
         return found
 
     @app.get("/v1/runs/<run_id>")
-    async def get_run(run_id: str) -> Response:  # noqa: ASYNC124
-        return jsonify(run_record(find_run(run_id)))
+    async def get_run(run_id: str) -> Response:
+        principal, found = lookup(run_id)
+        if isinstance(found, Run):
+            return jsonify(run_record(found))
+        if state.store is not None:
+            try:
+                record = await state.store.get_for_principal(principal, run_id)
+            except StoreError as exc:
+                info = exc.error_info
+                raise ApiError(503, info.code, info.message, headers={"Retry-After": "1"}) from None
+            if record is not None:
+                return jsonify(stored_record(record))
+        raise ApiError(404, "run_not_found", "No such run.")
 
     @app.get("/v1/runs/<run_id>/events")
     async def run_events(run_id: str) -> Response:  # noqa: ASYNC124

@@ -8,6 +8,7 @@ from quart_trio import QuartTrio
 from ..core.agent import Agent
 from ..core.manager import SessionManager
 from ..settings import Settings
+from ..store import Retention, SqliteRunStore
 from .auth import KeyRing
 from .errors import ApiError
 
@@ -18,6 +19,8 @@ class AppState:
     agent: Agent
     keyring: KeyRing
     manager: SessionManager | None = None
+    store: SqliteRunStore | None = None
+    retention: Retention | None = None
 
     def running_manager(self) -> SessionManager:
         if self.manager is None:

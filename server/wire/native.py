@@ -32,4 +32,6 @@ def event_dict(event: RunEvent) -> dict[str, Any]:
     """``{"type": ..., "run_id", "session_id", "seq", ...fields}``; enums
     become their string values."""
     body = attrs.asdict(event, value_serializer=_serialise)
+    if body.get("error_details", False) is None:
+        del body["error_details"]  # present only when something went wrong
     return {"type": event.type, **body}

@@ -1,15 +1,20 @@
 """Asyncio agents through trio-asyncio: the adapter over toy asyncio
 generators, and the ``openai`` package's AsyncOpenAI against the fake
-upstream (real time: the asyncio loop and real sockets do not mix with
-MockClock). Agents are driven directly: ``agent.run`` in a nursery with a
-consumer task. Assertions are about order and outcome, not wall time."""
+upstream. Agents are driven directly: ``agent.run`` in a nursery with a
+consumer task. Assertions are about order and outcome, not wall time: real
+sockets need real time, and only the toy agents that ignore cancellation run
+under MockClock (trio-asyncio's loop keeps trio's time), to check bounds."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import attrs
 import pytest
@@ -22,6 +27,7 @@ from server.agents.asyncio_adapter import (
     AsyncioLoopNotRunning,
 )
 from server.agents.openai_asyncio import OpenAIAsyncioAgent
+from server.agents.openai_compat import OpenAICompatAgent
 from server.agents.upstream import UpstreamTimeouts
 from server.core import CancelReason, RunStatus, SessionManager
 from server.core.agent import Agent, AgentError, AgentRequest
@@ -340,6 +346,137 @@ async def test_adapter_aclose_runs_on_the_loop_and_the_host_closes_the_rest() ->
     assert left_open.closed_on_asyncio == [True]
 
 
+async def test_adapter_that_owns_the_host_closes_the_agent_once_with_the_loop() -> None:
+    toy = ClosableToy()
+    host = AsyncioLoopHost()
+    adapter = AsyncioAgentAdapter(agent=toy, host=host, owns_host=True)
+    with trio.fail_after(WAIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(adapter.serve)
+            assert await drive(adapter, "hi", stop_after=1) == [TextDelta("tok0 ")]
+            await adapter.aclose()  # serve() returns: the nursery exits uncancelled
+            assert not host.running
+    assert toy.closed_on_asyncio == [True]
+
+
+async def refuse_cancellation(refusals: list[str], where: str) -> None:
+    """Wait forever, swallowing every CancelledError: asyncio code gone wrong."""
+    never = asyncio.Event()
+    while True:
+        with contextlib.suppress(asyncio.CancelledError):
+            await never.wait()
+        refusals.append(where)
+
+
+@attrs.define
+class StubbornIterator:
+    """An async iterator that yields one token, then ignores cancellation in
+    ``__anext__`` and in ``aclose``."""
+
+    refusals: list[str]
+    started: bool = False
+
+    def __aiter__(self) -> StubbornIterator:
+        return self
+
+    async def __anext__(self) -> str:
+        if not self.started:
+            self.started = True
+            return "tok0 "
+        await refuse_cancellation(self.refusals, "step")
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        await refuse_cancellation(self.refusals, "close")
+
+
+@attrs.define
+class StubbornAgent:
+    name: str = "stubborn"
+    refusals: list[str] = attrs.field(factory=list)
+
+    def stream(self, request: AgentRequest) -> AsyncIterator[AgentOutput | str]:
+        return StubbornIterator(self.refusals)
+
+
+def logged(caplog: pytest.LogCaptureFixture, prefix: str) -> list[str]:
+    return [
+        record.getMessage() for record in caplog.records if record.getMessage().startswith(prefix)
+    ]
+
+
+async def test_asyncio_code_that_ignores_cancellation_cannot_hang_a_run_or_the_shutdown(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    budget = 1.0
+    stubborn = StubbornAgent()
+    host = AsyncioLoopHost(shutdown_budget=budget)
+    adapter = AsyncioAgentAdapter(agent=stubborn, host=host, cleanup_budget=budget)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.serve)
+        cancelled_at = returned_at = 0.0
+
+        async def cancel_when_stuck() -> None:
+            nonlocal cancelled_at
+            await trio.testing.wait_all_tasks_blocked()
+            cancelled_at = trio.current_time()
+
+        def on_returned() -> None:
+            nonlocal returned_at
+            returned_at = trio.current_time()
+
+        outputs = await drive(adapter, "hi", cancel_when=cancel_when_stuck, on_returned=on_returned)
+        assert outputs == [TextDelta("tok0 ")]
+        # Cleanup is three shielded waits of at most one budget each (the
+        # close's wait ends with its step's), whatever the asyncio code does.
+        assert returned_at - cancelled_at <= 3 * budget
+        # The step and the close were cancelled, and ignored it.
+        assert set(stubborn.refusals) == {"step", "close"}
+        assert len(asyncio_tasks(host)) == 2
+        refused_in_run = Counter(stubborn.refusals)
+
+        closing_at = trio.current_time()
+        with trio.fail_after(WAIT):
+            await host.aclose()
+        assert trio.current_time() - closing_at <= 3 * budget
+        assert not host.running
+    # Cancelled once more by the host, then left behind: the step and the close.
+    assert Counter(stubborn.refusals) - refused_in_run == Counter(step=1, close=1)
+    assert host.abandoned_tasks == 2
+    assert len(logged(caplog, "asyncio_task_abandoned count=2 budget_s=1.0 ")) == 1
+
+
+async def test_host_shutdown_abandons_an_async_generator_that_will_not_close(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    refusals: list[str] = []
+    parked: list[AsyncIterator[int]] = []
+
+    async def stubborn_generator() -> AsyncIterator[int]:
+        try:
+            yield 1
+        except GeneratorExit:
+            refusals.append("closed")
+        # Closed at its yield, it waits forever instead of finishing.
+        await refuse_cancellation(refusals, "generator")
+
+    async def park_one() -> None:
+        generator = stubborn_generator()
+        await anext(generator)
+        parked.append(generator)  # alive at its yield until the loop closes
+
+    host = AsyncioLoopHost(shutdown_budget=1.0)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(host.serve)
+        await host.call(park_one)
+        with trio.fail_after(WAIT):
+            await host.aclose()
+    assert refusals == ["closed", "generator"]
+    # The generator's aclose() and the loop's shutdown_asyncgens() waiting for it.
+    assert host.abandoned_tasks == 2
+    assert len(logged(caplog, "asyncio_task_abandoned count=2 budget_s=1.0 ")) == 1
+
+
 # --- AsyncOpenAI against the fake upstream ---------------------------------------
 
 
@@ -461,6 +598,148 @@ async def test_openai_upstream_failures_map_to_agent_errors(
         record = await request_seen(fake, "fail")
         with trio.fail_after(WAIT):
             await fake.wait_ended(record)
+
+
+# --- what the fake upstream cannot send, through both OpenAI agents ---------------
+
+
+@asynccontextmanager
+async def raw_upstream(body: bytes, *headers: str) -> AsyncIterator[str]:
+    """A loopback HTTP server that answers every request with ``body`` as a
+    200 event stream (plus ``headers``), then closes the connection. Yields
+    its base URL."""
+
+    async def answer(stream: trio.SocketStream) -> None:
+        async with stream:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                if not (data := await stream.receive_some()):
+                    return
+                request += data
+            head, _, content = request.partition(b"\r\n\r\n")
+            length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
+            while length is not None and len(content) < int(length[1]):
+                if not (data := await stream.receive_some()):
+                    return
+                content += data
+            lines = [
+                "HTTP/1.1 200 OK",
+                "content-type: text/event-stream",
+                f"content-length: {len(body)}",
+                "connection: close",
+                *headers,
+            ]
+            await stream.send_all(
+                "".join(f"{line}\r\n" for line in lines).encode() + b"\r\n" + body
+            )
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+        port = listeners[0].socket.getsockname()[1]
+        try:
+            yield f"http://127.0.0.1:{port}/v1"
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+def sse(*data: bytes) -> bytes:
+    return b"".join(b"data: " + item + b"\n\n" for item in data)
+
+
+FINISH = sse(b'{"choices":[{"delta":{"content":"ok"},"finish_reason":"stop"}]}', b"[DONE]")
+CARRIED_ON = [TextDelta("ok"), StopReason("stop")]
+MALFORMED = ("upstream_error", "The model server sent a malformed response.")
+
+# name: (response body, extra response headers, the outputs or the error's code and message)
+BOTH_AGENTS = {
+    "content-not-a-string": (
+        sse(b'{"choices":[{"delta":{"content":5}}]}') + FINISH,
+        (),
+        CARRIED_ON,
+    ),
+    "choices-an-object": (
+        sse(b'{"choices":{"0":{"delta":{"content":"x"}}}}') + FINISH,
+        (),
+        CARRIED_ON,
+    ),
+    "delta-a-string": (sse(b'{"choices":[{"delta":"x"}]}') + FINISH, (), CARRIED_ON),
+    "choice-not-an-object": (sse(b'{"choices":[5]}') + FINISH, (), CARRIED_ON),
+    "finish-reason-a-number": (
+        sse(b'{"choices":[{"delta":{},"finish_reason":5}]}') + FINISH,
+        (),
+        CARRIED_ON,
+    ),
+    "usage-empty": (sse(b'{"choices":[],"usage":{}}') + FINISH, (), CARRIED_ON),
+    "usage-strings": (
+        sse(b'{"usage":{"prompt_tokens":"3","completion_tokens":"4"}}') + FINISH,
+        (),
+        CARRIED_ON,
+    ),
+    "chunk-a-list": (sse(b"[]") + FINISH, (), MALFORMED),
+    "chunk-a-number": (sse(b"5") + FINISH, (), MALFORMED),
+    "chunk-null": (sse(b"null") + FINISH, (), MALFORMED),
+    "chunk-not-json": (sse(b"{nope") + FINISH, (), MALFORMED),
+    "body-not-gzip": (
+        b"these bytes are not gzip",
+        ("content-encoding: gzip",),
+        ("upstream_error", "The request to the model server failed."),
+    ),
+}
+# The httpx2 agent decodes with U+FFFD for a bad byte and reads a chunk as
+# plain JSON; openai decodes strictly and builds a chunk object.
+ASYNCIO_AGENT_ONLY = {
+    "not-utf-8": (sse(b'{"choices":[{"delta":{"content":"\xff"}}]}') + FINISH, (), MALFORMED),
+    "pydantic-control-key": (sse(b'{"_fields_set":5}') + FINISH, (), MALFORMED),
+}
+
+
+@asynccontextmanager
+async def agent_for(kind: str, url: str) -> AsyncIterator[Agent]:
+    """The ``openai`` (httpx2) or the ``openai-asyncio`` agent, for ``url``."""
+    if kind == "openai":
+        agent = OpenAICompatAgent(base_url=url, model="fake-model")
+        try:
+            yield agent
+        finally:
+            await agent.aclose()
+    else:
+        async with loop_host() as host:
+            inner = OpenAIAsyncioAgent(base_url=url, model="fake-model")
+            adapter = AsyncioAgentAdapter(agent=inner, host=host)
+            try:
+                yield adapter
+            finally:
+                await adapter.aclose()
+            assert asyncio_tasks(host) == set()
+
+
+@pytest.mark.parametrize(
+    ("kind", "body", "headers", "expected"),
+    [
+        *(
+            pytest.param(kind, *case, id=f"{kind}-{name}")
+            for name, case in BOTH_AGENTS.items()
+            for kind in ("openai", "openai-asyncio")
+        ),
+        *(
+            pytest.param("openai-asyncio", *case, id=f"openai-asyncio-{name}")
+            for name, case in ASYNCIO_AGENT_ONLY.items()
+        ),
+    ],
+)
+async def test_odd_upstream_bodies_end_the_same_on_both_openai_agents(
+    kind: str,
+    body: bytes,
+    headers: tuple[str, ...],
+    expected: list[AgentOutput] | tuple[str, str],
+) -> None:
+    async with raw_upstream(body, *headers) as url, agent_for(kind, url) as agent:
+        if isinstance(expected, list):
+            assert await drive(agent, "hi") == expected
+        else:
+            code, message = expected
+            with fails_with(code, message):
+                await drive(agent, "hi")
 
 
 # --- through the engine, in the app's start-up and shutdown order ------------------

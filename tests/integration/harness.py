@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -73,6 +75,13 @@ class ServerProcess:
     module = "server"
 
     def __init__(self, args: tuple[str, ...]) -> None:
+        # Each server gets a run store of its own unless the test gives one
+        # (the store locks its directory against a second process).
+        self._own_data_dir: str | None = None
+        if self.module == "server" and "--data-dir" not in args:
+            self._own_data_dir = tempfile.mkdtemp(prefix="tss-data-")
+            args = (*args, "--data-dir", self._own_data_dir)
+        self.data_dir = args[args.index("--data-dir") + 1] if "--data-dir" in args else None
         self.args = args
         self.url = ""
         self._lines: list[str] = []
@@ -209,6 +218,8 @@ class ServerProcess:
         self._reader.join(STOP_TIMEOUT)
         assert self.proc.stderr is not None
         self.proc.stderr.close()
+        if self._own_data_dir is not None:
+            shutil.rmtree(self._own_data_dir, ignore_errors=True)
         return self.proc.returncode
 
 

@@ -581,7 +581,7 @@ class StallingAgent:
 async def start_run(
     nursery: trio.Nursery, observer: StoreObserver, run: Run, *, principal: str = ALICE
 ) -> Run:
-    await observer.run_started(run, principal=principal, agent_name=run.agent.name)
+    # The run tells the observer it started, then runs.
     await nursery.start(run.run)
     return run
 
@@ -590,6 +590,7 @@ def make_run(
     agent: ScriptedAgent | StallingAgent | FailingAgent,
     observer: StoreObserver,
     prompt: str = "tell me a story",
+    principal: str = ALICE,
 ) -> Run:
     return Run(
         session_id="s1",
@@ -597,6 +598,7 @@ def make_run(
         agent=agent,
         cleanup_budget=5.0,
         observer=observer,
+        principal=principal,
     )
 
 
@@ -622,7 +624,9 @@ async def test_observer_records_cancel_reasons(store: SqliteRunStore) -> None:
         await start_run(outer, observer, stopped)
         async with trio.open_nursery() as inner:
             await start_run(inner, observer, shut_down)
-            await trio.testing.wait_all_tasks_blocked()
+            for run in (stopped, shut_down):  # both agents have sent their text
+                while len(run.log) < 3:
+                    await run.log.wait_beyond(len(run.log))
             stopped.cancel(CancelReason.CLIENT_STOP)
             # Cancelled from outside without a reason: a shutdown.
             inner.cancel_scope.cancel()
@@ -675,7 +679,7 @@ async def test_observer_inserts_a_cancelled_start_when_the_run_ends(
         await trio.testing.wait_all_tasks_blocked()
         # Cancelled while waiting for its turn: propagates, nothing written.
         with trio.move_on_after(0.05) as scope:
-            await observer.run_started(run, principal=ALICE, agent_name="scripted")
+            await observer.run_started(run)
         assert scope.cancelled_caught
         other.execute("ROLLBACK")
     other.close()
@@ -694,7 +698,7 @@ async def test_observer_inserts_a_failed_start_when_the_run_ends(tmp_path: Path)
         other = raw(tmp_path)
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreWriteError):
-            await observer.run_started(run, principal=ALICE, agent_name="stalling")
+            await observer.run_started(run)
         other.execute("ROLLBACK")
         other.close()
         async with trio.open_nursery() as nursery:

@@ -119,6 +119,9 @@ class StuckObserver:
     def __init__(self) -> None:
         self.calls = 0
 
+    async def run_started(self, run: Run) -> None:
+        return None
+
     async def run_ended(self, run: Run, status: RunStatus) -> None:
         self.calls += 1
         await trio.sleep_forever()
@@ -400,6 +403,9 @@ async def test_later_prompt_wins_while_the_session_is_being_created(
 
 
 class FailingObserver:
+    async def run_started(self, run: Run) -> None:
+        raise OSError("database is down")
+
     async def run_ended(self, run: Run, status: RunStatus) -> None:
         raise OSError("database is down")
 
@@ -415,6 +421,10 @@ async def test_observer_failure_is_logged_and_the_run_still_ends(
     assert run.status is RunStatus.COMPLETED
     assert_well_formed(run.log.events)
     assert "observer failed" in caplog.text
+    # Reported to the client on the terminal event, without the cause's text.
+    assert run.terminal is not None and run.terminal.error_details is not None
+    assert run.terminal.error_details.code == "observer_failed"
+    assert "database" not in run.terminal.error_details.message
     again = await manager.submit(PRINCIPAL, "s1", ask("B"))
     await again.wait_ended()
     assert again.status is RunStatus.COMPLETED

@@ -26,8 +26,9 @@ PATH = "/v1/chat/completions"
 
 @asynccontextmanager
 async def serving(**settings: Any) -> AsyncIterator[QuartTrio]:
-    """The app with its serving lifecycle (the engine) running."""
-    app = create_app(Settings(**settings))
+    """The app with its serving lifecycle (the engine) running; no run store
+    unless ``data_dir`` is given (its worker threads do not mix with MockClock)."""
+    app = create_app(Settings(**{"data_dir": "", **settings}))
     async with app.test_app():
         yield app
 
