@@ -10,6 +10,9 @@ from .manager import EngineConfig as EngineConfig
 from .manager import SessionManager as SessionManager
 from .run import Run as Run
 from .session import Draining as Draining
+from .session import OnConflict as OnConflict
+from .session import QueueFull as QueueFull
+from .session import RunInProgress as RunInProgress
 from .session import Session as Session
 from .session import SessionClosed as SessionClosed
 from .session import SessionKey as SessionKey

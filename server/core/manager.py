@@ -25,7 +25,16 @@ from .coordinator import Coordinator, InProcessCoordinator
 from .events import CancelReason
 from .registry import RunRegistry
 from .run import NullObserver, Run, RunObserver
-from .session import Draining, LiveRuns, Session, SessionClosed, SessionKey
+from .session import (
+    Draining,
+    LiveRuns,
+    OnConflict,
+    QueueFull,
+    RunInProgress,
+    Session,
+    SessionClosed,
+    SessionKey,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +90,22 @@ class SessionManager:
 
     # --- submitting --------------------------------------------------------
 
-    async def submit(self, principal: str, session_id: str | None, request: AgentRequest) -> Run:
+    async def submit(
+        self,
+        principal: str,
+        session_id: str | None,
+        request: AgentRequest,
+        *,
+        on_conflict: OnConflict = OnConflict.INTERRUPT,
+    ) -> Run:
         """Start a run in ``(principal, session_id)``'s session, superseding
         its current run. ``session_id=None`` makes a session of its own,
         dropped as soon as it is idle.
 
         Raises :class:`Draining` while shutting down, :class:`SessionClosed`
-        if the session failed to start while this submission waited."""
+        if the session failed to start while this submission waited,
+        :class:`RunInProgress` (``reject``) and :class:`QueueFull`
+        (``enqueue``) as ``on_conflict`` says."""
         if self.draining:
             raise Draining
         ephemeral = session_id is None
@@ -107,13 +125,18 @@ class SessionManager:
                 live_runs=self.live_runs,
                 observer=self.observer,
                 on_dropped=self._forget,
+                on_discarded=self.runs.discard,
             )
             self._sessions[key] = session
+        if on_conflict is OnConflict.REJECT and session.busy:
+            raise RunInProgress
+        if on_conflict is OnConflict.ENQUEUE and session.users >= self.config.max_queued:
+            raise QueueFull
         ticket = session.admit()
         try:
             if created:
                 await self._start_session(session)
-            run = await session.submit(request, ticket)
+            run = await session.submit(request, ticket, on_conflict=on_conflict)
         finally:
             session.leave(ticket)
         self.runs.add(principal, run)

@@ -37,6 +37,10 @@ class RunRegistry:
         self._runs[run.run_id] = (principal, run)
         self.prune()
 
+    def discard(self, run: Run) -> None:
+        """Forget a run entirely (rolled back): it is unknown from now on."""
+        self._runs.pop(run.run_id, None)
+
     def lookup(self, principal: str, run_id: str) -> Run | Gone | None:
         """The principal's run, :data:`GONE`, or ``None``; another
         principal's run is ``None`` (it does not exist for them)."""

@@ -85,12 +85,18 @@ class RunObserver(Protocol):
 
     async def run_ended(self, run: Run, status: RunStatus) -> None: ...
 
+    async def run_discarded(self, run: Run) -> None:
+        """Forget an ended run (the ``rollback`` strategy)."""
+
 
 class NullObserver:
     async def run_started(self, run: Run) -> None:
         return None
 
     async def run_ended(self, run: Run, status: RunStatus) -> None:
+        return None
+
+    async def run_discarded(self, run: Run) -> None:
         return None
 
 

@@ -15,6 +15,7 @@ Rule 3: in its turn, the current run is cancelled with a reason and its
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 from collections import deque
@@ -66,6 +67,23 @@ class LiveRuns:
             await self._changed.wait()
 
 
+class OnConflict(enum.StrEnum):
+    """What a new prompt does when its session already has a live run."""
+
+    INTERRUPT = "interrupt"  # cancel it (superseded), await its cleanup, start
+    REJECT = "reject"  # refuse the new prompt (RunInProgress)
+    ENQUEUE = "enqueue"  # start after it ends by itself, in admission order
+    ROLLBACK = "rollback"  # like interrupt, then forget the superseded run
+
+
+class RunInProgress(Exception):
+    """``reject``: the session has a live (or starting) run."""
+
+
+class QueueFull(Exception):
+    """``enqueue``: the session's line of waiting prompts is full."""
+
+
 class SessionClosed(Exception):
     """The session went away (it failed to start) while a submission waited
     for it; the submission may be retried."""
@@ -109,6 +127,8 @@ class Session:
     observer: RunObserver = attrs.field(factory=NullObserver)
     # Called (synchronously, once) when the session closes: it is dropped.
     on_dropped: Callable[[Session], None] = attrs.field(default=lambda session: None)
+    # Called (synchronously) when a rolled-back run is to be forgotten.
+    on_discarded: Callable[[Run], None] = attrs.field(default=lambda run: None)
 
     current: Run | None = attrs.field(default=None, init=False)
     users: int = attrs.field(default=0, init=False)
@@ -197,7 +217,18 @@ class Session:
         self.users -= 1
         self._touch()
 
-    async def submit(self, request: AgentRequest, ticket: trio.Event) -> Run:
+    @property
+    def busy(self) -> bool:
+        """A run is live or a submission is on its way."""
+        return self.users > 0 or (self.current is not None and not self.current.ended)
+
+    async def submit(
+        self,
+        request: AgentRequest,
+        ticket: trio.Event,
+        *,
+        on_conflict: OnConflict = OnConflict.INTERRUPT,
+    ) -> Run:
         """Start a run for ``request`` once ``ticket``'s turn comes,
         superseding the current run and awaiting its cleanup first.
 
@@ -213,7 +244,8 @@ class Session:
         previous = self.current
         if previous is not None and not previous.ended:
             wait_started = trio.current_time()
-            previous.cancel(CancelReason.SUPERSEDED)
+            if on_conflict is not OnConflict.ENQUEUE:
+                previous.cancel(CancelReason.SUPERSEDED)
             await previous.wait_ended()
             lifecycle_event(
                 "prev_stream_finished_cleanly",
@@ -224,6 +256,13 @@ class Session:
             if self.live_runs.draining:
                 # Shutdown began while we waited: admit nothing new.
                 raise Draining
+        if on_conflict is OnConflict.ROLLBACK and previous is not None:
+            with trio.move_on_after(self.config.cleanup_budget):
+                try:
+                    await previous.observer.run_discarded(previous)
+                except Exception:  # the new prompt goes ahead regardless
+                    logger.exception("run %s: could not be rolled back", previous.run_id)
+            self.on_discarded(previous)
         run = Run(
             session_id=self.session_id,
             principal=self.key.principal,

@@ -76,3 +76,8 @@ class StoreObserver:
         except StoreWriteError:
             logger.warning("run %s: terminal status %s not recorded", run.run_id, status.value)
             raise
+
+    async def run_discarded(self, run: Run) -> None:
+        """``rollback``: the superseded run's record and output go."""
+        self._unrecorded.pop(run.run_id, None)
+        await self.store.delete(run.run_id)

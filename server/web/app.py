@@ -19,6 +19,7 @@ from ..core.agent import Agent
 from ..core.events import RunFailed
 from ..core.manager import EngineConfig, SessionManager
 from ..core.run import NullObserver, Run, RunObserver
+from ..core.session import OnConflict
 from ..settings import Settings
 from ..store import Retention, SqliteRunStore, StoreObserver
 from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder
@@ -102,7 +103,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             await request.get_data(cache=False, as_text=False, parse_form_data=False)
         )
         agent_request = chat.agent_request()
-        run = await state.running_manager().submit(principal, session_id, agent_request)
+        run = await state.running_manager().submit(
+            principal, session_id, agent_request, on_conflict=OnConflict(chat.on_conflict)
+        )
         model = chat.model or state.agent.name
         encoder = negotiate(chat, model=model)
         headers = {"X-Run-Id": run.run_id, "X-Session-Id": run.session_id}

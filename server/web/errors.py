@@ -9,7 +9,7 @@ import logging
 from quart import Quart, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
-from ..core.session import Draining, SessionClosed
+from ..core.session import Draining, QueueFull, RunInProgress, SessionClosed
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,23 @@ def install_error_handlers(app: Quart) -> None:
             "draining",
             "The server is shutting down and accepts no new runs.",
             {"Retry-After": "5"},
+        )
+
+    @app.errorhandler(RunInProgress)
+    async def _run_in_progress(error: RunInProgress) -> Response:  # noqa: ASYNC124
+        return error_response(
+            409,
+            "run_in_progress",
+            "The session is still answering; stop that run first or use another on_conflict.",
+        )
+
+    @app.errorhandler(QueueFull)
+    async def _queue_full(error: QueueFull) -> Response:  # noqa: ASYNC124
+        return error_response(
+            429,
+            "queue_full",
+            "Too many prompts are waiting in this session.",
+            {"Retry-After": "1"},
         )
 
     @app.errorhandler(SessionClosed)

@@ -60,6 +60,8 @@ class ChatRequest:
     stream_format: Literal["openai", "events"] | None = None
     # "continue": the run goes on (and can be reattached) after the client leaves.
     on_disconnect: Literal["cancel", "continue"] = "cancel"
+    # What this prompt does to a run its session is still producing.
+    on_conflict: Literal["interrupt", "reject", "enqueue", "rollback"] = "interrupt"
 
     def agent_request(self) -> AgentRequest:
         turns = tuple(ChatTurn(role=m.role, content=m.text) for m in self.messages or ())
