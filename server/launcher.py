@@ -48,22 +48,28 @@ async def serve(
     app = create_app(settings, agent=agent)
     state = app_state(app)
 
-    async def drain_on_signal() -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    # Installed before Hypercorn starts listening, so a signal that arrives
+    # as soon as the server is up waits here instead of killing the process.
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+
+        async def drain_on_signal() -> None:
             async for signum in signals:
                 logger.info("shutdown_requested signal=%s", signal.Signals(signum).name)
                 break
-        if state.manager is not None:
-            logger.info("draining timeout_s=%s", settings.drain_timeout)
-            await state.manager.drain(grace_period=settings.drain_timeout)
-        logger.info("drained")
+            if state.manager is not None:
+                logger.info("draining timeout_s=%s", settings.drain_timeout)
+                await state.manager.drain(grace_period=settings.drain_timeout)
+            logger.info("drained")
 
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(
-                hypercorn_serve, app, hypercorn_config(settings), shutdown_trigger=drain_on_signal
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(
+                partial(
+                    hypercorn_serve,
+                    app,
+                    hypercorn_config(settings),
+                    shutdown_trigger=drain_on_signal,
+                )
             )
-        )
-        for bind in binds:
-            logger.info("listening url=%s", bind)
-        task_status.started(binds)
+            for bind in binds:
+                logger.info("listening url=%s", bind)
+            task_status.started(binds)
