@@ -81,6 +81,9 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--retain-runs", int, defaults.retain_runs, "ended runs kept for reattach")
     option("--retain-seconds", float, defaults.retain_seconds, "seconds an ended run is kept")
+    option(
+        "--retain-bytes", int, defaults.retain_bytes, "bytes of ended runs' logs kept (estimated)"
+    )
     option("--log-level", str, defaults.log_level, "debug, info, warning or error")
     option("--model", str, defaults.model, "upstream agents: the model to ask")
     option("--ollama-url", str, defaults.ollama_url, "ollama agent: base URL")
@@ -132,6 +135,7 @@ def parse_settings(
             data_dir=args.data_dir,
             retain_runs=args.retain_runs,
             retain_seconds=args.retain_seconds,
+            retain_bytes=args.retain_bytes,
             log_level=args.log_level,
             model=args.model,
             ollama_url=args.ollama_url,

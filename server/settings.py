@@ -33,6 +33,7 @@ class Settings:
     # Ended runs whose events stay available for reattach (then 410).
     retain_runs: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
     retain_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
+    retain_bytes: int = attrs.field(default=64 * MiB, validator=attrs.validators.ge(0))
     log_level: str = "info"
     # Upstream agents (ollama, openai, openai-asyncio).
     model: str | None = None

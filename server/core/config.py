@@ -14,5 +14,6 @@ class EngineConfig:
     # Ended runs kept (with their event logs) for reattach and inspection.
     keep_ended_runs: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
     keep_ended_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
+    keep_ended_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=attrs.validators.ge(0))
     # enqueue: prompts a session may hold in line (running one included).
     max_queued: int = attrs.field(default=8, validator=attrs.validators.ge(1))

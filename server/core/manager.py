@@ -64,7 +64,9 @@ class SessionManager:
     @runs.default
     def _make_registry(self) -> RunRegistry:
         return RunRegistry(
-            keep_ended=self.config.keep_ended_runs, keep_seconds=self.config.keep_ended_seconds
+            keep_ended=self.config.keep_ended_runs,
+            keep_seconds=self.config.keep_ended_seconds,
+            keep_bytes=self.config.keep_ended_bytes,
         )
 
     @property

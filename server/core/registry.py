@@ -2,9 +2,10 @@
 event log is retained.
 
 Retention: ended runs are kept for reattach and inspection up to
-``keep_ended`` runs and ``keep_seconds`` after they ended, whichever is
-reached first; older ones are forgotten, and their ids remembered (boundedly)
-so a late reattach can be told the log is *gone* rather than *unknown*.
+``keep_ended`` runs, ``keep_bytes`` of their logs (estimated) and
+``keep_seconds`` after they ended, whichever is reached first; older ones
+are forgotten, and their ids remembered (boundedly) so a late reattach can
+be told the log is *gone* rather than *unknown*.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import attrs
 import trio
 
 from .run import Run
+
+# An event's JSON envelope (type, ids, seq) is about this many bytes.
+EVENT_OVERHEAD = 120
+
+
+def log_bytes(run: Run) -> int:
+    """A run's log size, estimated: its text plus a fixed cost per event."""
+    return len(run.text) + EVENT_OVERHEAD * len(run.log)
 
 
 class Gone:
@@ -28,6 +37,7 @@ GONE = Gone()
 class RunRegistry:
     keep_ended: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
     keep_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
+    keep_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=attrs.validators.ge(0))
     remember_gone: int = 100_000
     _runs: OrderedDict[str, tuple[str, Run]] = attrs.field(factory=OrderedDict, init=False)
     _gone: deque[tuple[str, str]] = attrs.field(factory=deque, init=False)
@@ -61,15 +71,17 @@ class RunRegistry:
         return runs[:limit]
 
     def prune(self) -> None:
+        """Forget the oldest ended runs beyond the count, bytes or age."""
         now = trio.current_time()
-        ended = [run_id for run_id, (_, run) in self._runs.items() if run.ended]
-        excess = len(ended) - self.keep_ended
-        for run_id in ended:
-            _, run = self._runs[run_id]
+        ended = [run for _, run in self._runs.values() if run.ended]
+        excess_runs = len(ended) - self.keep_ended
+        excess_bytes = sum(log_bytes(run) for run in ended) - self.keep_bytes
+        for run in ended:
             expired = run.ended_at is not None and now - run.ended_at > self.keep_seconds
-            if excess > 0 or expired:
-                self._forget(run_id)
-                excess -= 1
+            if excess_runs > 0 or excess_bytes > 0 or expired:
+                self._forget(run.run_id)
+                excess_runs -= 1
+                excess_bytes -= log_bytes(run)
 
     def _forget(self, run_id: str) -> None:
         principal, _ = self._runs.pop(run_id)

@@ -76,6 +76,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
                 coalesce_window=settings.coalesce_ms / 1000,
                 keep_ended_runs=settings.retain_runs,
                 keep_ended_seconds=settings.retain_seconds,
+                keep_ended_bytes=settings.retain_bytes,
             ),
         )
         state.manager = await app.nursery.start(manager.serve)

@@ -158,6 +158,26 @@ async def test_reattach_past_retention_is_410(autojump_clock: trio.testing.MockC
 
 
 @pytest.mark.parametrize(
+    "limit",
+    [{"retain_runs": 1}, {"retain_bytes": 2500}, {"retain_seconds": 5}],
+    ids=["count", "bytes", "age"],
+)
+async def test_retention_by_count_bytes_and_age(
+    autojump_clock: trio.testing.MockClock, limit: dict[str, float]
+) -> None:
+    async with serving(token_delay=0.1, reply_words=4, **limit) as app:
+        old = await finished_run(app, "one", session="a")
+        await trio.sleep(10)
+        # About 2.3 kB of log: with the old one, past the byte limit.
+        new = await finished_run(app, "two " + "x" * 1500, session="b")
+        client = app.test_client()
+        gone = await client.get(f"/v1/runs/{old}/events", headers=AUTH)
+        assert gone.status_code == 410
+        kept = await client.get(f"/v1/runs/{new}", headers=AUTH)
+        assert kept.status_code == 200
+
+
+@pytest.mark.parametrize(
     ("header", "status"),
     [("run_other:3", 400), ("garbage", 400)],
 )
