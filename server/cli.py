@@ -85,6 +85,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--retain-bytes", int, defaults.retain_bytes, "bytes of ended runs' logs kept (estimated)"
     )
     option("--log-level", str, defaults.log_level, "debug, info, warning or error")
+    option("--admin-key", str, defaults.admin_key, "enables /debug/tasks for this bearer key")
     option("--model", str, defaults.model, "upstream agents: the model to ask")
     option("--ollama-url", str, defaults.ollama_url, "ollama agent: base URL")
     option("--upstream-url", str, defaults.upstream_url, "openai agents: base URL (with /v1)")
@@ -137,6 +138,7 @@ def parse_settings(
             retain_seconds=args.retain_seconds,
             retain_bytes=args.retain_bytes,
             log_level=args.log_level,
+            admin_key=args.admin_key,
             model=args.model,
             ollama_url=args.ollama_url,
             upstream_url=args.upstream_url,

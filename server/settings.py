@@ -35,6 +35,8 @@ class Settings:
     retain_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
     retain_bytes: int = attrs.field(default=64 * MiB, validator=attrs.validators.ge(0))
     log_level: str = "info"
+    # Guards /debug/tasks; without one that endpoint does not exist.
+    admin_key: str | None = None
     # Upstream agents (ollama, openai, openai-asyncio).
     model: str | None = None
     ollama_url: str = "http://127.0.0.1:11434"

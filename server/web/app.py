@@ -27,6 +27,7 @@ from ..wire.openai import completion
 from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
 from .errors import error_response, install_error_handlers
+from .ops import install_ops_routes
 from .requests import ChatRequest, parse_chat_request, parse_session_id
 from .runs import install_run_routes
 from .state import AppState
@@ -52,6 +53,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     app.extensions["stream_server"] = state
     install_error_handlers(app)
     install_run_routes(app, state)
+    install_ops_routes(app, state)
 
     @app.before_serving
     async def start_engine() -> None:

@@ -1,0 +1,48 @@
+"""Health, readiness and the task tree."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+
+from server.web.state import app_state
+from tests.unit.test_http import AUTH, PATH, serving
+
+
+async def test_health_and_readiness_follow_draining(autojump_clock: trio.testing.MockClock) -> None:
+    async with serving() as app:
+        client = app.test_client()
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        manager = app_state(app).manager
+        assert manager is not None
+        await manager.drain(grace_period=0)
+        not_ready = await client.get("/readyz")
+        assert not_ready.status_code == 503 and not_ready.headers["Retry-After"]
+        assert (await not_ready.get_json())["error"]["code"] == "draining"
+        assert (await client.get("/healthz")).status_code == 200
+
+
+async def test_debug_tasks_is_off_without_an_admin_key(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving() as app:
+        assert (await app.test_client().get("/debug/tasks", headers=AUTH)).status_code == 404
+
+
+async def test_debug_tasks_shows_the_tree_and_returns_to_baseline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    admin = {"Authorization": "Bearer admin-secret"}
+    async with serving(admin_key="admin-secret", token_delay=0.1, reply_words=3) as app:
+        client = app.test_client()
+        assert (await client.get("/debug/tasks", headers=AUTH)).status_code == 401
+        before = await (await client.get("/debug/tasks", headers=admin)).get_json()
+        for index in range(5):
+            response = await client.post(PATH, headers=AUTH, json={"prompt": f"p{index}"})
+            assert response.status_code == 200
+        await trio.testing.wait_all_tasks_blocked()
+        after = await (await client.get("/debug/tasks", headers=admin)).get_json()
+        assert after["live_runs"] == 0 and after["sessions"] == []
+        assert after["tasks"] == before["tasks"]
+        assert after["task_tree"]["children"]
