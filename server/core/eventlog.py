@@ -102,7 +102,7 @@ class Subscription:
     @property
     def finished(self) -> bool:
         """The terminal event has been taken: nothing more will come."""
-        return self._log.closed and self.cursor == len(self._log)
+        return self._log.closed and self.cursor >= len(self._log)
 
     async def wait(self) -> None:
         await self._log.wait_beyond(self.cursor)

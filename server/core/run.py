@@ -232,9 +232,12 @@ class Run:
                     send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
                     nursery.start_soon(self._drive_agent, send_channel)
                     await self._pump(receive_channel)
-                    # The agent's output is complete: from here on a cancel
-                    # is too late and the run completes.
-                    self._producing = False
+                    if self.error is not None:
+                        # The pump refused the agent's output: stop the agent.
+                        nursery.cancel_scope.cancel()
+                # The agent has returned: from here on a cancel is too late
+                # and the run completes.
+                self._producing = False
                 finished = True
         except Exception:
             logger.exception("run %s: engine failure", self.run_id)
@@ -254,6 +257,8 @@ class Run:
                 logger.warning(
                     "cleanup_budget_exceeded trace=%s budget_s=%s", self.run_id, self.cleanup_budget
                 )
+                # The record may not say how the run ended: tell its readers.
+                self.error_details = ObserverError().error_info
             try:
                 self._end(status)
             finally:

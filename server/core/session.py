@@ -239,9 +239,12 @@ class Session:
         if self.closed:
             raise SessionClosed
         await ticket.wait()
+        if self.closed:  # the session failed while we waited our turn
+            raise SessionClosed
         if self.live_runs.draining:
             raise Draining
         previous = self.current
+        superseding = previous is not None and not previous.ended
         if previous is not None and not previous.ended:
             wait_started = trio.current_time()
             if on_conflict is not OnConflict.ENQUEUE:
@@ -256,13 +259,8 @@ class Session:
             if self.live_runs.draining:
                 # Shutdown began while we waited: admit nothing new.
                 raise Draining
-        if on_conflict is OnConflict.ROLLBACK and previous is not None:
-            with trio.move_on_after(self.config.cleanup_budget):
-                try:
-                    await previous.observer.run_discarded(previous)
-                except Exception:  # the new prompt goes ahead regardless
-                    logger.exception("run %s: could not be rolled back", previous.run_id)
-            self.on_discarded(previous)
+        if on_conflict is OnConflict.ROLLBACK and superseding and previous is not None:
+            await self._roll_back(previous)
         run = Run(
             session_id=self.session_id,
             principal=self.key.principal,
@@ -287,6 +285,20 @@ class Session:
             self.current = previous
             raise
         return run
+
+    async def _roll_back(self, run: Run) -> None:
+        """Forget a superseded run: its record, then (only if that worked) the
+        run itself, so the registry and the store never disagree. The new
+        prompt goes ahead either way."""
+        with trio.move_on_after(self.config.cleanup_budget):
+            try:
+                await run.observer.run_discarded(run)
+            except Exception:
+                logger.exception("run %s: could not be rolled back", run.run_id)
+                return
+            self.on_discarded(run)
+            return
+        logger.warning("run %s: rollback timed out; the run is kept", run.run_id)
 
     def _run_ended(self, run: Run) -> None:
         self.live_runs.discard(run)

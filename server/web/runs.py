@@ -13,8 +13,10 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
+import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
@@ -30,6 +32,7 @@ from .state import AppState
 from .streaming import RunStream, streaming_response
 
 RECENT_RUNS = 10
+SEQ = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
 
 
 def run_record(run: Run) -> dict[str, Any]:
@@ -77,11 +80,11 @@ def parse_after(run_id: str) -> int:
     after = request.args.get("after")
     if last_event_id is not None:
         owner, _, seq = last_event_id.rpartition(":")
-        if owner != run_id or not seq.isdigit():
+        if owner != run_id or not SEQ.fullmatch(seq):
             raise ApiError(400, "invalid_last_event_id", f"Last-Event-ID must be '{run_id}:<seq>'.")
         return int(seq)
     if after is not None:
-        if not after.lstrip("-").isdigit() or int(after) < -1:
+        if not SEQ.fullmatch(after) and after != "-1":
             raise ApiError(400, "invalid_after", "'after' must be a seq number (or -1).")
         return int(after)
     return -1
@@ -102,11 +105,8 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
             raise ApiError(404, "run_not_found", "No such run.")
         return found
 
-    @app.get("/v1/runs/<run_id>")
-    async def get_run(run_id: str) -> Response:
-        principal, found = lookup(run_id)
-        if isinstance(found, Run):
-            return jsonify(run_record(found))
+    async def stored_or_missing(principal: str, run_id: str, found: Gone | None) -> Response:
+        """The record from the store, else 410 (known, forgotten) or 404."""
         if state.store is not None:
             try:
                 record = await state.store.get_for_principal(principal, run_id)
@@ -115,13 +115,26 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
                 raise ApiError(503, info.code, info.message, headers={"Retry-After": "1"}) from None
             if record is not None:
                 return jsonify(stored_record(record))
+        if isinstance(found, Gone):
+            raise ApiError(410, "run_gone", "The run is past retention and no longer kept.")
         raise ApiError(404, "run_not_found", "No such run.")
+
+    @app.get("/v1/runs/<run_id>")
+    async def get_run(run_id: str) -> Response:
+        principal, found = lookup(run_id)
+        if isinstance(found, Run):
+            return jsonify(run_record(found))
+        return await stored_or_missing(principal, run_id, found)
 
     @app.get("/v1/runs/<run_id>/events")
     async def run_events(run_id: str) -> Response:  # noqa: ASYNC124
         run = find_run(run_id)
         after = parse_after(run_id)
-        if after >= len(run.log) and run.ended:
+        if after >= len(run.log):
+            if not run.ended:
+                raise ApiError(
+                    400, "invalid_after", "That seq has not been published for this run."
+                )
             after = len(run.log) - 1  # nothing more will come
         ndjson = "application/x-ndjson" in request.headers.get("Accept", "")
         encoder = NativeNdjsonEncoder() if ndjson else NativeSseEncoder()
@@ -137,10 +150,16 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
 
     @app.post("/v1/runs/<run_id>/cancel")
     async def cancel_run(run_id: str) -> Response:
-        run = find_run(run_id)
-        run.cancel(CancelReason.CLIENT_STOP)
-        await run.wait_ended()  # bounded by the run's cleanup budget
-        return jsonify(run_record(run))
+        principal, found = lookup(run_id)
+        if not isinstance(found, Run):
+            # Ended long ago: stopping it changes nothing; answer its record.
+            return await stored_or_missing(principal, run_id, found)
+        found.cancel(CancelReason.CLIENT_STOP)
+        # The cleanup budget bounds the wait; an agent that ignores
+        # cancellation gets the record as it stands.
+        with trio.move_on_after(state.settings.cleanup_budget + 1):
+            await found.wait_ended()
+        return jsonify(run_record(found))
 
     @app.get("/v1/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:  # noqa: ASYNC124

@@ -138,6 +138,22 @@ async def test_rollback_interrupts_and_forgets_the_superseded_run(
         await manager.aclose()
 
 
+async def test_rollback_keeps_a_previous_run_that_had_already_ended(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        manager = await manager_in(nursery)
+        done = await manager.submit(PRINCIPAL, "s1", AgentRequest(prompt="A"))
+        await done.wait_ended()
+        new = await manager.submit(
+            PRINCIPAL, "s1", AgentRequest(prompt="B"), on_conflict=OnConflict.ROLLBACK
+        )
+        assert manager.runs.lookup(PRINCIPAL, done.run_id) is done
+        assert manager.observer.discarded == []  # type: ignore[attr-defined]
+        await new.wait_ended()
+        await manager.aclose()
+
+
 @pytest.mark.parametrize(
     ("on_conflict", "status", "code"),
     [("reject", 409, "run_in_progress"), ("bogus", 422, "invalid_request")],

@@ -10,6 +10,7 @@ import pytest
 import trio
 import trio.testing
 
+from server.core import CancelReason
 from server.web.auth import principal_of
 from server.web.state import app_state
 from tests.unit.test_http import AUTH, PATH, hang_up, open_stream, read_frames, serving
@@ -175,6 +176,34 @@ async def test_retention_by_count_bytes_and_age(
         assert gone.status_code == 410
         kept = await client.get(f"/v1/runs/{new}", headers=AUTH)
         assert kept.status_code == 200
+
+
+async def test_reattach_after_a_seq_not_yet_published_is_a_400(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(token_delay=1.0, reply_words=50) as app:
+        async with open_stream(
+            app, {"prompt": "hi", "stream": True}, {"X-Session-Id": "s1"}
+        ) as stream:
+            await stream.receive()
+            run = app_state(app).manager.find_session(principal_of("devkey"), "s1").current  # type: ignore[union-attr]
+            client = app.test_client()
+            for query in ("after=100", "after=--5", "after=%C2%B2", "after=1.5"):
+                response = await client.get(f"/v1/runs/{run.run_id}/events?{query}", headers=AUTH)
+                assert response.status_code == 400, query
+                assert (await response.get_json())["error"]["code"] == "invalid_after"
+            run.cancel(CancelReason.CLIENT_STOP)
+            await read_frames(stream)
+
+
+async def test_stopping_a_run_past_retention_is_410_not_a_crash(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with serving(token_delay=0.1, reply_words=3, retain_runs=0) as app:
+        old = await finished_run(app)
+        client = app.test_client()
+        assert (await client.post(f"/v1/runs/{old}/cancel", headers=AUTH)).status_code == 410
+        assert (await client.get(f"/v1/runs/{old}", headers=AUTH)).status_code == 410
 
 
 @pytest.mark.parametrize(
