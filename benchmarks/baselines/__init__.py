@@ -1,0 +1,1 @@
+"""Baselines: the designs trio-stream-server is measured against (not shipped in ``server``)."""
