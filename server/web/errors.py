@@ -51,6 +51,35 @@ _HTTP_CODES = {
 }
 
 
+# The engine's refusals, as clients see them.
+_ENGINE_ERRORS: dict[type[Exception], tuple[int, str, str, dict[str, str]]] = {
+    Draining: (
+        503,
+        "draining",
+        "The server is shutting down and accepts no new runs.",
+        {"Retry-After": "5"},
+    ),
+    RunInProgress: (
+        409,
+        "run_in_progress",
+        "The session is still answering; stop that run first or use another on_conflict.",
+        {},
+    ),
+    QueueFull: (
+        429,
+        "queue_full",
+        "Too many prompts are waiting in this session.",
+        {"Retry-After": "1"},
+    ),
+    SessionClosed: (
+        503,
+        "session_unavailable",
+        "The session could not be started; retry the request.",
+        {"Retry-After": "1"},
+    ),
+}
+
+
 def install_error_handlers(app: Quart) -> None:
     # Handlers are coroutines although they do not await: Quart-Trio would
     # run a plain function in a worker thread.
@@ -58,40 +87,15 @@ def install_error_handlers(app: Quart) -> None:
     async def _api_error(error: ApiError) -> Response:  # noqa: ASYNC124
         return error_response(error.status, error.code, error.message, error.headers)
 
-    @app.errorhandler(Draining)
-    async def _draining(error: Draining) -> Response:  # noqa: ASYNC124
-        return error_response(
-            503,
-            "draining",
-            "The server is shutting down and accepts no new runs.",
-            {"Retry-After": "5"},
-        )
+    def engine_error(
+        exception: type[Exception], status: int, code: str, message: str, headers: dict[str, str]
+    ) -> None:
+        @app.errorhandler(exception)
+        async def _handler(error: Exception) -> Response:  # noqa: ASYNC124
+            return error_response(status, code, message, headers)
 
-    @app.errorhandler(RunInProgress)
-    async def _run_in_progress(error: RunInProgress) -> Response:  # noqa: ASYNC124
-        return error_response(
-            409,
-            "run_in_progress",
-            "The session is still answering; stop that run first or use another on_conflict.",
-        )
-
-    @app.errorhandler(QueueFull)
-    async def _queue_full(error: QueueFull) -> Response:  # noqa: ASYNC124
-        return error_response(
-            429,
-            "queue_full",
-            "Too many prompts are waiting in this session.",
-            {"Retry-After": "1"},
-        )
-
-    @app.errorhandler(SessionClosed)
-    async def _session_closed(error: SessionClosed) -> Response:  # noqa: ASYNC124
-        return error_response(
-            503,
-            "session_unavailable",
-            "The session could not be started; retry the request.",
-            {"Retry-After": "1"},
-        )
+    for exception, (status, code, message, headers) in _ENGINE_ERRORS.items():
+        engine_error(exception, status, code, message, headers)
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:  # noqa: ASYNC124
