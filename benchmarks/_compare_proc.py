@@ -7,7 +7,7 @@ import subprocess
 import sys
 from collections import deque
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 
 import attrs
@@ -75,11 +75,20 @@ class ServerProcess:
     log_tail: deque[str]
 
 
-@asynccontextmanager
-async def running_server(name: str, upstream: str) -> AsyncIterator[ServerProcess]:
-    """One server as a subprocess on a free loopback port, stopped on exit."""
+def running_server(name: str, upstream: str) -> AbstractAsyncContextManager[ServerProcess]:
+    """One of :data:`SERVERS` against ``upstream``."""
     argv, debug_headers = SERVERS[name]
     command = [sys.executable, *(arg.format(upstream=upstream) for arg in argv)]
+    return running_process(name, command, debug_headers)
+
+
+@asynccontextmanager
+async def running_process(
+    name: str, command: list[str], debug_headers: dict[str, str]
+) -> AsyncIterator[ServerProcess]:
+    """A server process that logs ``listening url=...`` once it serves on
+    loopback; its stderr is drained and kept (the last lines), and it is
+    stopped on exit."""
     tail: deque[str] = deque(maxlen=40)
     async with trio.open_nursery() as nursery:
         process: trio.Process = await nursery.start(

@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from typing import Any
 import httpx2
 import trio
 
+from benchmarks._compare_proc import running_process
 from tests.fakes import FakeUpstream, open_fake_upstream
 
 BACKENDS: dict[str, list[str]] = {
@@ -43,41 +41,6 @@ BACKENDS: dict[str, list[str]] = {
 }
 AUTH = {"Authorization": "Bearer devkey"}
 STEP_TIMEOUT = 30.0
-
-
-@asynccontextmanager
-async def running_server(args: list[str]) -> AsyncIterator[str]:
-    """A server process on a free loopback port; yields its URL."""
-    command = [sys.executable, "-m", "server", "--port", "0", *args]
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            partial(trio.run_process, command, stderr=subprocess.PIPE, check=False)
-        )
-        assert process.stderr is not None
-        url_seen: trio.Event = trio.Event()
-        url: list[str] = []
-
-        async def drain_stderr() -> None:
-            # Read everything the server logs (a full pipe would block it).
-            assert process.stderr is not None
-            buffer = b""
-            async for chunk in process.stderr:
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, buffer = buffer.split(b"\n", 1)
-                    if b"listening url=" in line and not url:
-                        url.append(line.decode().split("listening url=")[1].strip())
-                        url_seen.set()
-
-        nursery.start_soon(drain_stderr)
-        with trio.fail_after(STEP_TIMEOUT):
-            await url_seen.wait()
-        try:
-            yield url[0]
-        finally:
-            process.terminate()
-            with trio.move_on_after(STEP_TIMEOUT, shield=True):
-                await process.wait()
 
 
 async def read_stream(
@@ -140,9 +103,10 @@ async def measure(backends: list[str], trials: int) -> dict[str, Any]:
     async with open_fake_upstream(default_delay=0.01) as fake:
         for backend in backends:
             args = [arg.format(url=fake.url) for arg in BACKENDS[backend]]
+            command = [sys.executable, "-m", "server", "--port", "0", *args]
             async with (
-                running_server(args) as url,
-                httpx2.AsyncClient(base_url=url, timeout=STEP_TIMEOUT) as client,
+                running_process(backend, command, {}) as server,
+                httpx2.AsyncClient(base_url=server.url, timeout=STEP_TIMEOUT) as client,
             ):
                 await one_trial(client, fake, f"{backend}-warmup")  # imports, connections
                 rows = [
