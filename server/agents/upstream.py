@@ -19,6 +19,9 @@ import httpx2
 
 from ..core.agent import AgentError, AgentRequest
 
+# Idle upstream connections kept for reuse.
+KEEPALIVE_CONNECTIONS = 256
+
 UNAVAILABLE = AgentError("upstream_unavailable", "The model server could not be reached.")
 
 
@@ -47,8 +50,15 @@ def make_client(
     timeouts: UpstreamTimeouts, headers: dict[str, str] | None = None
 ) -> httpx2.AsyncClient:
     # The client holds a connection pool and no tasks: it can be shared by
-    # every run and closed once with the app.
-    return httpx2.AsyncClient(timeout=timeouts.as_timeout(), headers=headers or {}, trust_env=False)
+    # every run and closed once with the app. Every streaming run holds one
+    # connection for its whole answer, so the pool must not be smaller than
+    # the number of concurrent runs (httpx2's default of 100 made the 101st
+    # run wait and then fail with a pool timeout); the engine's run limits
+    # bound it instead.
+    limits = httpx2.Limits(max_connections=None, max_keepalive_connections=KEEPALIVE_CONNECTIONS)
+    return httpx2.AsyncClient(
+        timeout=timeouts.as_timeout(), headers=headers or {}, limits=limits, trust_env=False
+    )
 
 
 @asynccontextmanager

@@ -212,3 +212,16 @@ async def test_unreachable_upstream_is_upstream_unavailable(make_agent: MakeAgen
         assert run.terminal.error.code == "upstream_unavailable"
         await manager.aclose()
         await agent.aclose()  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("make_agent", AGENTS)
+async def test_more_concurrent_runs_than_a_default_connection_pool(make_agent: MakeAgent) -> None:
+    # Each streaming run holds an upstream connection for its whole answer;
+    # a pool capped at httpx2's default of 100 queued the rest until a pool
+    # timeout failed them.
+    runs = 150
+    async with engine(make_agent) as (manager, fake):
+        for index in range(runs):
+            await manager.submit(PRINCIPAL, f"s{index}", AgentRequest(prompt="wait @stall_first"))
+        with trio.fail_after(WAIT):
+            await fake.registry.wait_until(lambda: fake.registry.active == runs)
