@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections import deque
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import attrs
 import trio
@@ -72,7 +73,14 @@ class ServerProcess:
     url: str
     pid: int
     debug_headers: dict[str, str]
-    log_tail: deque[str]
+    log_path: Path
+
+    @property
+    def log_tail(self) -> list[str]:
+        """The last lines the process logged."""
+        with self.log_path.open("rb") as file:
+            file.seek(max(0, self.log_path.stat().st_size - 8192))
+            return file.read().decode(errors="replace").splitlines()[-40:]
 
 
 def running_server(name: str, upstream: str) -> AbstractAsyncContextManager[ServerProcess]:
@@ -87,52 +95,48 @@ async def running_process(
     name: str, command: list[str], debug_headers: dict[str, str]
 ) -> AsyncIterator[ServerProcess]:
     """A server process that logs ``listening url=...`` once it serves on
-    loopback; its stderr is drained and kept (the last lines), and it is
-    stopped on exit."""
-    tail: deque[str] = deque(maxlen=40)
-    async with trio.open_nursery() as nursery:
-        process: trio.Process = await nursery.start(
-            partial(
-                trio.run_process,
-                command,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                check=False,
-            )
-        )
-        url_seen = trio.Event()
-        url: list[str] = []
+    loopback, stopped on exit. Its stderr goes to a file, not a pipe: a
+    pipe that this busy process drains late would block the server's
+    logging calls and, with them, its event loop, and the figures would
+    measure the harness."""
+    with tempfile.TemporaryDirectory(prefix="compare-") as directory:
+        log_path = Path(directory) / f"{name}.log"
+        with log_path.open("wb") as log:
+            async with trio.open_nursery() as nursery:
+                process: trio.Process = await nursery.start(
+                    partial(
+                        trio.run_process,
+                        command,
+                        stdout=subprocess.DEVNULL,
+                        stderr=log,
+                        check=False,
+                    )
+                )
+                try:
+                    url = await listening_url(log_path, process)
+                    yield ServerProcess(name, url, process.pid, debug_headers, log_path)
+                finally:
+                    with trio.CancelScope(shield=True):
+                        if process.returncode is None:
+                            process.terminate()
+                        with trio.move_on_after(STOP_TIMEOUT):
+                            await process.wait()
+                        if process.returncode is None:
+                            process.kill()
+                            await process.wait()
 
-        async def drain_stderr() -> None:
-            # Read everything the server logs (a full pipe would block it).
-            assert process.stderr is not None
-            buffer = b""
-            async for chunk in process.stderr:
-                buffer += chunk
-                while b"\n" in buffer:
-                    raw, buffer = buffer.split(b"\n", 1)
-                    line = raw.decode(errors="replace")
-                    tail.append(line)
-                    if "listening url=" in line and not url:
-                        url.append(line.split("listening url=")[1].split()[0])
-                        url_seen.set()
 
-        nursery.start_soon(drain_stderr)
-        try:
-            with trio.move_on_after(START_TIMEOUT):
-                await url_seen.wait()
-            if not url:
-                raise RuntimeError(f"{name} did not start: {' | '.join(list(tail)[-5:])}")
-            yield ServerProcess(name, url[0], process.pid, debug_headers, tail)
-        finally:
-            with trio.CancelScope(shield=True):
-                if process.returncode is None:
-                    process.terminate()
-                with trio.move_on_after(STOP_TIMEOUT):
-                    await process.wait()
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+async def listening_url(log_path: Path, process: trio.Process) -> str:
+    """The url of the ``listening url=`` line, once the process logs it."""
+    log = trio.Path(log_path)
+    with trio.move_on_after(START_TIMEOUT):
+        while process.returncode is None:
+            for line in (await log.read_text(errors="replace")).splitlines():
+                if "listening url=" in line:
+                    return line.split("listening url=")[1].split()[0]
+            await trio.sleep(0.05)
+    tail = (await log.read_text(errors="replace")).splitlines()[-5:]
+    raise RuntimeError(f"{process.args!r} did not start: {' | '.join(tail)}")
 
 
 def cpu_seconds(pid: int) -> float:

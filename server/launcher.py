@@ -34,6 +34,10 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     config.bind = [f"{host}:{settings.port}"]
     config.graceful_timeout = FLUSH_TIMEOUT
+    # Hypercorn's default of 100 overflows when many clients connect at
+    # once; the kernel then drops their SYNs and they retry seconds later.
+    # 2048 is uvicorn's default.
+    config.backlog = 2048
     config.accesslog = logging.getLogger("hypercorn.access")
     config.errorlog = logging.getLogger("hypercorn.error")
     return config

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks._compare_proc import SERVERS
+from benchmarks._report import BEGIN, END
 from benchmarks.compare import SCENARIOS, SEEDS
 
 pytestmark = pytest.mark.integration
@@ -25,18 +26,27 @@ def has_figure(scenario: str, result: dict[str, object]) -> bool:
     if scenario == "seeds":
         return all(isinstance(result.get(seed), dict) for seed in SEEDS)
     if scenario.startswith("supersede"):
-        return "first_content" in result and "overlap_sessions" in result and "hangs" in result
+        keys = ("first_content", "old_upstream_closed", "overlap_sessions", "hangs")
+        return all(key in result for key in keys)
     if scenario == "leaks":
         return all(key in result for key in ("before", "after", "hangs"))
+    if scenario == "storm":
+        keys = ("quiet_first_content", "storm_first_content", "storm_hangs", "probe_hangs")
+        return all(key in result for key in keys)
     if scenario == "throughput":
-        return all(str(k) in result for k in (1, 10))
+        rows = [result.get(str(k)) for k in (1, 10)]
+        # --profile samples the largest K: a summary, or why there is none.
+        return all(isinstance(row, dict) for row in rows) and "profile" in rows[-1]
     return False
 
 
 @pytest.mark.timeout(170)
 def test_quick_comparison_produces_every_figure(tmp_path: Path) -> None:
+    doc = tmp_path / "comparison.doc.md"
+    doc.write_text((ROOT / "docs" / "comparison.md").read_text())
+    command = ["--quick", "--profile", "--out", str(tmp_path), "--doc", str(doc)]
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.compare", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.compare", *command],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -51,6 +61,11 @@ def test_quick_comparison_produces_every_figure(tmp_path: Path) -> None:
         assert set(scenarios) == set(SCENARIOS), server
         for scenario, result in scenarios.items():
             assert has_figure(scenario, result), (server, scenario, result)
-    table = (tmp_path / "comparison.md").read_text()
-    assert "| scenario |" in table
-    assert table.strip().splitlines()[-1].startswith("| seed: ")
+    section = (tmp_path / "comparison.md").read_text()
+    assert "| scenario |" in section
+    assert "| seed: multi_session |" in section
+    assert "### Targets for trio-stream-server" in section
+    # --doc replaced the generated section and kept the written text around it.
+    original = (ROOT / "docs" / "comparison.md").read_text()
+    head, tail = original.split(BEGIN)[0], original.split(END)[1]
+    assert doc.read_text() == head + section.rstrip("\n") + tail
