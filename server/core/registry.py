@@ -42,6 +42,7 @@ class RunRegistry:
     _runs: OrderedDict[str, tuple[str, Run]] = attrs.field(factory=OrderedDict, init=False)
     _gone: deque[tuple[str, str]] = attrs.field(factory=deque, init=False)
     _gone_ids: set[tuple[str, str]] = attrs.field(factory=set, init=False)
+    _ended_sizes: dict[str, int] = attrs.field(factory=dict, init=False)
 
     def add(self, principal: str, run: Run) -> None:
         self._runs[run.run_id] = (principal, run)
@@ -50,6 +51,7 @@ class RunRegistry:
     def discard(self, run: Run) -> None:
         """Forget a run entirely (rolled back): it is unknown from now on."""
         self._runs.pop(run.run_id, None)
+        self._ended_sizes.pop(run.run_id, None)
 
     def lookup(self, principal: str, run_id: str) -> Run | Gone | None:
         """The principal's run, :data:`GONE`, or ``None``; another
@@ -74,17 +76,27 @@ class RunRegistry:
         """Forget the oldest ended runs beyond the count, bytes or age."""
         now = trio.current_time()
         ended = [run for _, run in self._runs.values() if run.ended]
+        sizes = [self._size(run) for run in ended]
         excess_runs = len(ended) - self.keep_ended
-        excess_bytes = sum(log_bytes(run) for run in ended) - self.keep_bytes
-        for run in ended:
+        excess_bytes = sum(sizes) - self.keep_bytes
+        for run, size in zip(ended, sizes, strict=True):
             expired = run.ended_at is not None and now - run.ended_at > self.keep_seconds
             if excess_runs > 0 or excess_bytes > 0 or expired:
                 self._forget(run.run_id)
                 excess_runs -= 1
-                excess_bytes -= log_bytes(run)
+                excess_bytes -= size
+
+    def _size(self, run: Run) -> int:
+        # An ended run's log no longer changes: size it once (joining every
+        # kept run's text on each request made prune quadratic under load).
+        size = self._ended_sizes.get(run.run_id)
+        if size is None:
+            size = self._ended_sizes[run.run_id] = log_bytes(run)
+        return size
 
     def _forget(self, run_id: str) -> None:
         principal, _ = self._runs.pop(run_id)
+        self._ended_sizes.pop(run_id, None)
         key = (principal, run_id)
         self._gone.append(key)
         self._gone_ids.add(key)
