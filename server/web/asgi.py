@@ -15,8 +15,10 @@ from typing import cast
 import trio
 from hypercorn.typing import ASGISendCallable
 from quart.wrappers import Request, Response
+from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
+from .state import app_state
 from .streaming import RunStream
 
 
@@ -27,6 +29,9 @@ class StreamingHTTPConnection(TrioASGIHTTPConnection):
         response = None
         try:
             response = await self.app.handle_request(request)
+            stream = getattr(response, "run_stream", None)
+            if isinstance(stream, RunStream):
+                stream.meter = app_state(cast(QuartTrio, self.app)).metrics
             timeout = self.app.config["RESPONSE_TIMEOUT"]
             if isinstance(response, Response) and response.timeout is not Ellipsis:
                 timeout = cast(float | None, response.timeout)
