@@ -75,8 +75,9 @@ def access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
     for atom, name in ACCESS_ATOMS.items():
         value = atoms[atom]
         fields[name] = None if value in ("-", None) else value
-    if isinstance(fields["status"], str) and fields["status"].isdigit():
-        fields["status"] = int(fields["status"])
+    for name in ("status", "bytes"):
+        if isinstance(fields[name], str) and fields[name].isdigit():
+            fields[name] = int(fields[name])
     fields["duration_ms"] = round(int(atoms["D"]) / 1000, 3)  # D: microseconds
     user_agent = atoms["a"]
     fields["user_agent"] = None if user_agent == "-" else user_agent
