@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import trio
 import trio.testing
 
+from server.cli import build_parser
 from server.web.auth import principal_of
 from server.web.state import app_state
 from tests.unit.test_http import AUTH, PATH, hang_up, open_stream, serving
@@ -76,3 +80,41 @@ async def test_debug_tasks_shows_each_sessions_run_state(
         run = ended["sessions"][0]["current_run"]
         assert run["state"] == "ended" and run["status"] == "cancelled"
         assert run["cancel_reason"] == "client_disconnect" and run["subscribers"] == 0
+
+
+# --- docs/operations.md ------------------------------------------------------
+
+OPERATIONS_DOC = Path(__file__).resolve().parents[2] / "docs" / "operations.md"
+TABLE_START = "<!-- configuration table: generated from server/cli.py -->"
+TABLE_END = "<!-- end of configuration table -->"
+
+
+def configuration_table() -> str:
+    """The configuration reference as docs/operations.md holds it: one row
+    per flag, from the CLI parser itself (defaults with no environment)."""
+    rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
+    for action in build_parser({})._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flag = action.option_strings[0]
+        help_text = action.help or ""
+        env = re.search(r"env (STREAM_SERVER_\w+)", help_text)
+        assert env is not None, f"{flag} names no environment variable"
+        meaning = re.sub(r" \(default: %\(default\)s; env \w+\)", "", help_text)
+        meaning = re.sub(r"\(env \w+, ", "(", meaning)
+        default = "(none)" if action.default is None else f"`{action.default!r}`"
+        rows.append(f"| `{flag}` | `{env[1]}` | {default} | {meaning} |")
+    return "\n".join(rows)
+
+
+def test_operations_doc_lists_every_flag_with_its_default() -> None:
+    text = OPERATIONS_DOC.read_text()
+    table = text[text.index(TABLE_START) + len(TABLE_START) : text.index(TABLE_END)].strip()
+    expected = configuration_table()
+    assert table == expected, (
+        "docs/operations.md's configuration table is out of date; replace it with:\n" + expected
+    )
+
+
+if __name__ == "__main__":  # python -m tests.unit.test_ops: the table to paste
+    print(configuration_table())
