@@ -13,6 +13,7 @@ import trio
 import trio.testing
 from hypercorn.logging import AccessLogAtoms
 
+from server.cli import parse_settings
 from server.logs import JsonFormatter, configure_logging, log_event
 from tests.unit.test_http import open_stream, read_frames, serving
 from tests.unit.test_metrics import run_id_of
@@ -148,3 +149,21 @@ def test_hypercorn_loggers_share_the_root_configuration(restore_logging: None) -
 def test_an_unknown_log_format_is_refused(restore_logging: None) -> None:
     with pytest.raises(ValueError, match="log format"):
         configure_logging("info", "xml")
+
+
+def test_log_format_comes_from_the_flag_or_the_environment() -> None:
+    assert parse_settings([], environ={}).log_format == "text"
+    assert parse_settings(["--log-format", "json"], environ={}).log_format == "json"
+    environ = {"STREAM_SERVER_LOG_FORMAT": "json"}
+    assert parse_settings([], environ=environ).log_format == "json"
+    assert parse_settings(["--log-level", "WARNING"], environ={}).log_level == "warning"
+
+
+@pytest.mark.parametrize("argv", [["--log-format", "xml"], ["--log-level", "loud"]])
+def test_an_unknown_log_format_or_level_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(argv, environ={})
+    assert exit_info.value.code == 2
+    assert argv[1] in capsys.readouterr().err
