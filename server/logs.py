@@ -40,7 +40,7 @@ ACCESS_ATOMS = {"h": "client", "m": "method", "U": "path", "s": "status", "b": "
 
 
 def log_event(
-    logger: logging.Logger, name: str, /, *, level: int = logging.INFO, **fields: object
+    logger: logging.Logger, name: str, level: int = logging.INFO, /, **fields: object
 ) -> None:
     """Log the event ``name`` with ``fields``: ``name key=value ...`` as
     text, and the fields themselves on the record for the JSON format."""
@@ -62,7 +62,7 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if isinstance(fields, Mapping):
             for key, value in fields.items():
-                entry.setdefault(JSON_FIELD_NAMES.get(key, key), value)
+                entry.setdefault(JSON_FIELD_NAMES.get(str(key), str(key)), value)
         if record.name == "hypercorn.access" and isinstance(record.args, Mapping):
             entry.update(access_fields(record.args))
         if record.exc_info:

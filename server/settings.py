@@ -13,6 +13,10 @@ DEV_KEY = "devkey"
 MiB = 1024 * 1024
 
 
+def _lowercase(value: str) -> str:
+    return value.lower()
+
+
 @attrs.frozen(kw_only=True)
 class Settings:
     host: str = "127.0.0.1"
@@ -37,7 +41,7 @@ class Settings:
     retain_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
     retain_bytes: int = attrs.field(default=64 * MiB, validator=attrs.validators.ge(0))
     log_level: str = attrs.field(
-        default="info", converter=str.lower, validator=attrs.validators.in_(LOG_LEVELS)
+        default="info", converter=_lowercase, validator=attrs.validators.in_(LOG_LEVELS)
     )
     # text (key=value lines) or json (one object per line).
     log_format: str = attrs.field(default="text", validator=attrs.validators.in_(LOG_FORMATS))
