@@ -1,5 +1,7 @@
 """Quart-Trio's HTTP connection with one guarantee added: a streaming body
-that was never iterated is still closed.
+that was never iterated is still closed. (It also hands each
+:class:`~server.web.streaming.RunStream` the app's metrics, so every
+streaming route's frames are counted in one place.)
 
 Quart closes a response body only if it started sending it. A client that
 goes away in the instant between our handler returning and the first body

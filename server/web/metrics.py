@@ -69,9 +69,12 @@ class Metrics:
     supersede_wait: Histogram = attrs.field(init=False)
     first_token: Histogram = attrs.field(init=False)
     coalesced_deltas: Counter = attrs.field(init=False)
-    streamed_frames: Counter = attrs.field(init=False)
-    streamed_events: Counter = attrs.field(init=False)
-    streamed_bytes: Counter = attrs.field(init=False)
+    # Plain ints on the per-frame path (a prometheus_client Counter takes a
+    # lock per inc: ~1 µs, against ~40 µs for Hypercorn to write a frame),
+    # exposed by StreamCollector when scraped.
+    streamed_frames: int = attrs.field(default=0, init=False)
+    streamed_events: int = attrs.field(default=0, init=False)
+    streamed_bytes: int = attrs.field(default=0, init=False)
 
     def __attrs_post_init__(self) -> None:
         registry = self.registry
@@ -102,21 +105,7 @@ class Metrics:
             "counted when the run ends.",
             registry=registry,
         )
-        self.streamed_frames = Counter(
-            f"{PREFIX}_streamed_frames",
-            "Frames written to streaming clients (heartbeats included).",
-            registry=registry,
-        )
-        self.streamed_events = Counter(
-            f"{PREFIX}_streamed_events",
-            "Run events written to streaming clients.",
-            registry=registry,
-        )
-        self.streamed_bytes = Counter(
-            f"{PREFIX}_streamed_bytes",
-            "Body bytes written to streaming clients (heartbeats included).",
-            registry=registry,
-        )
+        registry.register(StreamCollector(self))
         ProcessCollector(registry=registry)
 
     # --- the engine (through MeteredObserver) --------------------------------
@@ -136,9 +125,9 @@ class Metrics:
     # --- the edge (StreamMeter) ---------------------------------------------
 
     def frame_sent(self, *, events: int, nbytes: int) -> None:
-        self.streamed_frames.inc()
-        self.streamed_events.inc(events)
-        self.streamed_bytes.inc(nbytes)
+        self.streamed_frames += 1
+        self.streamed_events += events
+        self.streamed_bytes += nbytes
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -163,6 +152,30 @@ class MeteredObserver:
 
     async def run_discarded(self, run: Run) -> None:
         await self.inner.run_discarded(run)
+
+
+@attrs.define(eq=False)
+class StreamCollector(Collector):
+    """What streaming responses wrote (counted in :meth:`Metrics.frame_sent`)."""
+
+    metrics: Metrics
+
+    def collect(self) -> Iterator[Metric]:
+        yield _counter(
+            "streamed_frames",
+            "Frames written to streaming clients (heartbeats included).",
+            self.metrics.streamed_frames,
+        )
+        yield _counter(
+            "streamed_events",
+            "Run events written to streaming clients.",
+            self.metrics.streamed_events,
+        )
+        yield _counter(
+            "streamed_bytes",
+            "Body bytes written to streaming clients (heartbeats included).",
+            self.metrics.streamed_bytes,
+        )
 
 
 @attrs.define(eq=False)
