@@ -15,5 +15,5 @@ from .logs import configure_logging
 from .web.app import create_app
 
 settings = parse_settings([])
-configure_logging(settings.log_level)
+configure_logging(settings.log_level, settings.log_format)
 app = create_app(settings)

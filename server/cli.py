@@ -85,6 +85,7 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--retain-bytes", int, defaults.retain_bytes, "bytes of ended runs' logs kept (estimated)"
     )
     option("--log-level", str, defaults.log_level, "debug, info, warning or error")
+    option("--log-format", str, defaults.log_format, "text (key=value) or json (one object a line)")
     option("--admin-key", str, defaults.admin_key, "enables /debug/tasks for this bearer key")
     option("--model", str, defaults.model, "upstream agents: the model to ask")
     option("--ollama-url", str, defaults.ollama_url, "ollama agent: base URL")
@@ -138,6 +139,7 @@ def parse_settings(
             retain_seconds=args.retain_seconds,
             retain_bytes=args.retain_bytes,
             log_level=args.log_level,
+            log_format=args.log_format,
             admin_key=args.admin_key,
             model=args.model,
             ollama_url=args.ollama_url,
@@ -160,7 +162,7 @@ def parse_settings(
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings = parse_settings(argv)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     if settings.uses_dev_key:
         logger.warning(
             "no API key configured: accepting the dev key '%s' (loopback only); "

@@ -19,6 +19,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from .core.agent import Agent
+from .logs import log_event
 from .settings import Settings
 from .web.app import create_app
 from .web.state import app_state
@@ -38,6 +39,9 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # once; the kernel then drops their SYNs and they retry seconds later.
     # 2048 is uvicorn's default.
     config.backlog = 2048
+    # Logger objects, not file names: Hypercorn then adds no handler of its
+    # own and its access and error lines go through our root handler, in
+    # our format (server.logs.configure_logging).
     config.accesslog = logging.getLogger("hypercorn.access")
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
@@ -58,12 +62,12 @@ async def serve(
 
         async def drain_on_signal() -> None:
             async for signum in signals:
-                logger.info("shutdown_requested signal=%s", signal.Signals(signum).name)
+                log_event(logger, "shutdown_requested", signal=signal.Signals(signum).name)
                 break
             if state.manager is not None:
-                logger.info("draining timeout_s=%s", settings.drain_timeout)
+                log_event(logger, "draining", timeout_s=settings.drain_timeout)
                 await state.manager.drain(grace_period=settings.drain_timeout)
-            logger.info("drained")
+            log_event(logger, "drained")
 
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(
@@ -75,5 +79,5 @@ async def serve(
                 )
             )
             for bind in binds:
-                logger.info("listening url=%s", bind)
+                log_event(logger, "listening", url=bind)
             task_status.started(binds)

@@ -7,8 +7,14 @@ import ipaddress
 
 import attrs
 
+from .logs import LOG_FORMATS, LOG_LEVELS
+
 DEV_KEY = "devkey"
 MiB = 1024 * 1024
+
+
+def _lowercase(value: str) -> str:
+    return value.lower()
 
 
 @attrs.frozen(kw_only=True)
@@ -34,7 +40,11 @@ class Settings:
     retain_runs: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
     retain_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
     retain_bytes: int = attrs.field(default=64 * MiB, validator=attrs.validators.ge(0))
-    log_level: str = "info"
+    log_level: str = attrs.field(
+        default="info", converter=_lowercase, validator=attrs.validators.in_(LOG_LEVELS)
+    )
+    # text (key=value lines) or json (one object per line).
+    log_format: str = attrs.field(default="text", validator=attrs.validators.in_(LOG_FORMATS))
     # Guards /debug/tasks; without one that endpoint does not exist.
     admin_key: str | None = None
     # Upstream agents (ollama, openai, openai-asyncio).

@@ -125,6 +125,10 @@ class Run:
     on_subscribers_changed: Callable[[], None] = attrs.field(default=lambda: None)
     # Called (synchronously) once the terminal event is out.
     on_ended: Callable[[Run], None] = attrs.field(default=lambda run: None)
+    # For observers (metrics): the run this one superseded, and when (trio
+    # clock) the superseding prompt was admitted.
+    supersedes: str | None = None
+    admitted_at: float | None = None
 
     log: EventLog = attrs.field(factory=EventLog, init=False)
     lifecycle: Lifecycle = attrs.field(factory=Lifecycle, init=False)
@@ -141,6 +145,10 @@ class Run:
     created_at: float = attrs.field(factory=time.time, init=False)
     finished_at: float | None = attrs.field(default=None, init=False)
     subscriber_count: int = attrs.field(default=0, init=False)
+    # trio clock when the first and the latest run.delta were published
+    # (time to first token; how long a stream has been silent).
+    first_delta_at: float | None = attrs.field(default=None, init=False)
+    last_delta_at: float | None = attrs.field(default=None, init=False)
 
     _cancel_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
     _producing: bool = attrs.field(default=False, init=False)
@@ -149,6 +157,7 @@ class Run:
     _buffered: list[str] = attrs.field(factory=list, init=False)
     _buffered_chars: int = attrs.field(default=0, init=False)
     _message: str | None = attrs.field(default=None, init=False)
+    _delta_events: int = attrs.field(default=0, init=False)
     _ended: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     # --- queries -----------------------------------------------------------
@@ -174,6 +183,13 @@ class Run:
     def terminal(self) -> TerminalEvent | None:
         last = self.log.last
         return last if last is not None and last.terminal else None  # type: ignore[return-value]
+
+    @property
+    def coalesced_deltas(self) -> int:
+        """Agent deltas that went out merged into another one's ``run.delta``
+        (those still buffered counted as the flush will merge them)."""
+        pending_events = 1 if self._buffered else 0
+        return len(self._deltas) - self._delta_events - pending_events
 
     @property
     def status(self) -> RunStatus:
@@ -316,7 +332,7 @@ class Run:
                     case TextDelta(text=text) if text:
                         self._deltas.append(text)
                         if window_end == math.inf:
-                            self.log.append(RunDelta(**self._envelope(), text=text))
+                            self._publish_delta(text)
                             window_end = self._open_window()
                         else:
                             self._buffered.append(text)
@@ -355,7 +371,14 @@ class Run:
             text = "".join(self._buffered)
             self._buffered.clear()
             self._buffered_chars = 0
-            self.log.append(RunDelta(**self._envelope(), text=text))
+            self._publish_delta(text)
+
+    def _publish_delta(self, text: str) -> None:
+        self.log.append(RunDelta(**self._envelope(), text=text))
+        self._delta_events += 1
+        self.last_delta_at = trio.current_time()
+        if self.first_delta_at is None:
+            self.first_delta_at = self.last_delta_at
 
     # --- ending ------------------------------------------------------------
 

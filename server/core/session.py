@@ -235,6 +235,7 @@ class Session:
         Returns once the new run has published ``run.started``. Raises
         :class:`Draining` if the server stopped admitting runs while this
         submission waited its turn."""
+        admitted_at = trio.current_time()  # the manager admits right before
         await self._ready.wait()
         if self.closed:
             raise SessionClosed
@@ -272,6 +273,10 @@ class Session:
             coalesce_max_chars=self.config.coalesce_max_chars,
             on_subscribers_changed=self._touch,
             on_ended=self._run_ended,
+            supersedes=previous.run_id
+            if superseding and previous is not None and on_conflict is not OnConflict.ENQUEUE
+            else None,
+            admitted_at=admitted_at,
         )
         assert self._nursery is not None
         # Registered before the first checkpoint, so a drain that starts now

@@ -100,6 +100,8 @@ class SqliteRunStore:
     # Read from worker threads: queued calls fail instead of running.
     _abandon_queue: bool = attrs.field(default=False, init=False)
     _closed: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # Writes that failed (the store_write_failures metric).
+    write_failures: int = attrs.field(default=0, init=False)
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -367,6 +369,7 @@ class SqliteRunStore:
         failure: type[StoreError] = StoreWriteError if write else StoreReadError
         if self._closing:
             logger.error("run_store_failed op=%s error=store closed", operation)
+            self.write_failures += write
             raise failure(operation)
         try:
             return await trio.to_thread.run_sync(
@@ -374,6 +377,7 @@ class SqliteRunStore:
             )
         except (sqlite3.Error, _NoRow, _Closing) as exc:
             logger.error("run_store_failed op=%s error=%r", operation, exc)
+            self.write_failures += write
             raise failure(operation) from exc
 
     def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:

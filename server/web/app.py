@@ -27,6 +27,7 @@ from ..wire.openai import completion
 from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
 from .errors import error_response, install_error_handlers
+from .metrics import MeteredObserver, install_metrics_route
 from .ops import install_ops_routes
 from .requests import ChatRequest, parse_chat_request, parse_session_id
 from .runs import install_run_routes
@@ -54,6 +55,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     install_error_handlers(app)
     install_run_routes(app, state)
     install_ops_routes(app, state)
+    install_metrics_route(app, state)
 
     @app.before_serving
     async def start_engine() -> None:
@@ -71,7 +73,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             await app.nursery.start(state.retention.serve)
         manager = SessionManager(
             agent=state.agent,
-            observer=observer,
+            observer=MeteredObserver(observer, state.metrics),
             config=EngineConfig(
                 cleanup_budget=settings.cleanup_budget,
                 idle_timeout=settings.idle_timeout,

@@ -1,5 +1,7 @@
 """Quart-Trio's HTTP connection with one guarantee added: a streaming body
-that was never iterated is still closed.
+that was never iterated is still closed. (It also hands each
+:class:`~server.web.streaming.RunStream` the app's metrics, so every
+streaming route's frames are counted in one place.)
 
 Quart closes a response body only if it started sending it. A client that
 goes away in the instant between our handler returning and the first body
@@ -15,8 +17,10 @@ from typing import cast
 import trio
 from hypercorn.typing import ASGISendCallable
 from quart.wrappers import Request, Response
+from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
+from .state import app_state
 from .streaming import RunStream
 
 
@@ -27,6 +31,9 @@ class StreamingHTTPConnection(TrioASGIHTTPConnection):
         response = None
         try:
             response = await self.app.handle_request(request)
+            stream = getattr(response, "run_stream", None)
+            if isinstance(stream, RunStream):
+                stream.meter = app_state(cast(QuartTrio, self.app)).metrics
             timeout = self.app.config["RESPONSE_TIMEOUT"]
             if isinstance(response, Response) and response.timeout is not Ellipsis:
                 timeout = cast(float | None, response.timeout)

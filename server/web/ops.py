@@ -4,22 +4,28 @@
 * ``GET /readyz``: accepting runs (200), or starting/draining (503 with
   ``Retry-After``).
 * ``GET /debug/tasks``: the trio task tree, thread count and each session's
-  current run; only with ``Authorization: Bearer <--admin-key>``, and 404
-  when no admin key is configured (off by default).
+  state and current run; only with ``Authorization: Bearer <--admin-key>``,
+  and 404 when no admin key is configured (off by default). It names
+  sessions and principals, hence the key.
+
+``GET /metrics`` lives in :mod:`server.web.metrics`.
 """
 
 from __future__ import annotations
 
 import hmac
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from ..core.run import Run
 from .errors import ApiError
-from .state import AppState
+
+if TYPE_CHECKING:
+    from .state import AppState
 
 
 def task_tree(task: trio.lowlevel.Task) -> dict[str, Any]:
@@ -33,6 +39,37 @@ def task_tree(task: trio.lowlevel.Task) -> dict[str, Any]:
 
 def count_tasks(tree: dict[str, Any]) -> int:
     return 1 + sum(count_tasks(child) for child in tree["children"])
+
+
+def count_live_tasks() -> int:
+    """Every task of the current trio run (call it from the trio thread)."""
+    root = trio.lowlevel.current_root_task()
+    assert root is not None  # we are inside the trio run
+    pending = [root]
+    count = 0
+    while pending:
+        task = pending.pop()
+        count += 1
+        pending.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
+    return count
+
+
+def run_state(run: Run) -> dict[str, Any]:
+    """What a stuck-stream investigation asks of a run."""
+    now = trio.current_time()
+    return {
+        "id": run.run_id,
+        "state": run.state.value,
+        "status": run.status.value,
+        "cancel_reason": None if run.cancel_reason is None else run.cancel_reason.value,
+        "supersedes": run.supersedes,
+        "events": len(run.log),
+        "subscribers": run.subscriber_count,
+        "running_s": None if run.started_at is None else round(now - run.started_at, 3),
+        "since_last_delta_s": None
+        if run.last_delta_at is None
+        else round(now - run.last_delta_at, 3),
+    }
 
 
 def install_ops_routes(app: QuartTrio, state: AppState) -> None:
@@ -66,13 +103,9 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
             {
                 "principal": key.principal,
                 "session_id": key.session_id,
-                "current_run": None
-                if session.current is None
-                else {
-                    "id": session.current.run_id,
-                    "state": session.current.state.value,
-                    "status": session.current.status.value,
-                },
+                # Submissions admitted and not yet started (or refused).
+                "waiting_submissions": session.users,
+                "current_run": None if session.current is None else run_state(session.current),
             }
             for key, session in manager.sessions.items()
         ]
@@ -80,6 +113,7 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
             {
                 "tasks": count_tasks(tree),
                 "threads": threading.active_count(),
+                "draining": manager.draining,
                 "live_runs": len(manager.live_runs.runs),
                 "sessions": sessions,
                 "task_tree": tree,

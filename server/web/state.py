@@ -11,6 +11,7 @@ from ..settings import Settings
 from ..store import Retention, SqliteRunStore
 from .auth import KeyRing
 from .errors import ApiError
+from .metrics import Metrics
 
 
 @attrs.define(eq=False)
@@ -21,6 +22,7 @@ class AppState:
     manager: SessionManager | None = None
     store: SqliteRunStore | None = None
     retention: Retention | None = None
+    metrics: Metrics = attrs.field(factory=Metrics)
 
     def running_manager(self) -> SessionManager:
         if self.manager is None:

@@ -10,6 +10,7 @@ away, and a cancelled task may not await.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Protocol
 
 import attrs
 import trio
@@ -21,6 +22,16 @@ from ..core.run import Run
 from ..wire import FrameEncoder
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class StreamMeter(Protocol):
+    def frame_sent(self, *, events: int, nbytes: int) -> None:
+        """A frame was written to the client (``events=0``: a heartbeat)."""
+
+
+class NullStreamMeter:
+    def frame_sent(self, *, events: int, nbytes: int) -> None:
+        return None
 
 
 @attrs.define(eq=False)
@@ -40,6 +51,8 @@ class RunStream:
     after: int = -1
     # False for readers that only watch (reattach, on_disconnect=continue).
     cancel_on_close: bool = True
+    # Counts what was written (the HTTP connection sets the app's metrics).
+    meter: StreamMeter = attrs.field(factory=NullStreamMeter)
     _subscription: Subscription = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
@@ -54,12 +67,17 @@ class RunStream:
             while not subscription.finished:
                 batch = subscription.take()
                 if batch:
-                    yield self.encoder.encode(batch)
+                    frame = self.encoder.encode(batch)
+                    yield frame
+                    # Resumed: the frame was written.
+                    self.meter.frame_sent(events=len(batch), nbytes=len(frame))
                     continue
                 with trio.move_on_after(self.heartbeat_interval) as silence:
                     await subscription.wait()
                 if silence.cancelled_caught:
-                    yield self.encoder.heartbeat()
+                    heartbeat = self.encoder.heartbeat()
+                    yield heartbeat
+                    self.meter.frame_sent(events=0, nbytes=len(heartbeat))
         finally:
             self.close()
 
