@@ -79,6 +79,14 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
                 keep_ended_runs=settings.retain_runs,
                 keep_ended_seconds=settings.retain_seconds,
                 keep_ended_bytes=settings.retain_bytes,
+                max_sessions=settings.max_sessions,
+                max_sessions_per_principal=settings.max_sessions_per_key,
+                max_runs=settings.max_runs,
+                max_runs_per_principal=settings.max_runs_per_key,
+                run_timeout=settings.run_timeout,
+                max_run_events=settings.max_run_events,
+                max_run_bytes=settings.max_run_bytes,
+                max_subscribers=settings.max_subscribers,
             ),
         )
         state.manager = await app.nursery.start(manager.serve)
@@ -105,7 +113,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         chat = parse_chat_request(
             await request.get_data(cache=False, as_text=False, parse_form_data=False)
         )
-        agent_request = chat.agent_request()
+        agent_request = chat.agent_request(
+            max_chars=settings.max_prompt_chars, max_messages=settings.max_messages
+        )
         run = await state.running_manager().submit(
             principal, session_id, agent_request, on_conflict=OnConflict(chat.on_conflict)
         )
@@ -121,6 +131,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             run,
             encoder,
             heartbeat_interval=settings.heartbeat_interval,
+            send_timeout=settings.send_timeout,
             cancel_on_close=cancel_on_disconnect,
         )
         return streaming_response(app.response_class, stream, headers)

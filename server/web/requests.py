@@ -63,8 +63,27 @@ class ChatRequest:
     # What this prompt does to a run its session is still producing.
     on_conflict: Literal["interrupt", "reject", "enqueue", "rollback"] = "interrupt"
 
-    def agent_request(self) -> AgentRequest:
-        turns = tuple(ChatTurn(role=m.role, content=m.text) for m in self.messages or ())
+    def agent_request(
+        self, *, max_chars: int | None = None, max_messages: int | None = None
+    ) -> AgentRequest:
+        """The engine's request; 413 past ``max_messages`` messages or
+        ``max_chars`` characters of prompt and message contents together."""
+        messages = self.messages or ()
+        if max_messages is not None and len(messages) > max_messages:
+            raise ApiError(
+                413,
+                "too_many_messages",
+                f"The request has {len(messages)} messages; the server accepts {max_messages}.",
+            )
+        turns = tuple(ChatTurn(role=m.role, content=m.text) for m in messages)
+        chars = len(self.prompt or "") + sum(len(turn.content) for turn in turns)
+        if max_chars is not None and chars > max_chars:
+            raise ApiError(
+                413,
+                "prompt_too_large",
+                f"The prompt and messages hold {chars} characters; "
+                f"the server accepts {max_chars}.",
+            )
         prompt = self.prompt
         if prompt is None:
             prompt = next((turn.content for turn in reversed(turns) if turn.role == "user"), None)
