@@ -404,7 +404,10 @@ class Run:
 
     def _too_large(self) -> None:
         logger.warning(
-            "run_too_large trace=%s events=%d bytes=%d", self.run_id, len(self.log), self._text_bytes
+            "run_too_large trace=%s events=%d bytes=%d",
+            self.run_id,
+            len(self.log),
+            self._text_bytes,
         )
         self.error = RUN_TOO_LARGE
 

@@ -28,7 +28,7 @@ from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
 from .errors import error_response, install_error_handlers
 from .ops import install_ops_routes
-from .requests import ChatRequest, parse_chat_request, parse_session_id
+from .requests import ChatRequest, check_head_size, parse_chat_request, parse_session_id
 from .runs import install_run_routes
 from .state import AppState
 from .streaming import RunStream, streaming_response, wait_for_end
@@ -52,6 +52,15 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     )
     app.extensions["stream_server"] = state
     install_error_handlers(app)
+
+    @app.before_request
+    async def limit_head_size() -> None:  # noqa: ASYNC124
+        check_head_size(
+            request.scope.get("raw_path", b"") + request.scope.get("query_string", b""),
+            request.headers.items(),
+            settings.max_header_bytes,
+        )
+
     install_run_routes(app, state)
     install_ops_routes(app, state)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import typing
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import attrs
@@ -18,7 +19,7 @@ import cattrs.cols
 import cattrs.gen
 
 from ..core.agent import AgentRequest, ChatTurn
-from .errors import ApiError
+from .errors import CLOSE_CONNECTION, ApiError
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -81,8 +82,7 @@ class ChatRequest:
             raise ApiError(
                 413,
                 "prompt_too_large",
-                f"The prompt and messages hold {chars} characters; "
-                f"the server accepts {max_chars}.",
+                f"The prompt and messages hold {chars} characters; the server accepts {max_chars}.",
             )
         prompt = self.prompt
         if prompt is None:
@@ -186,6 +186,23 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         problems = cattrs.transform_error(exc, format_exception=_describe)
         detail = "; ".join(problems[:5])
         raise ApiError(422, "invalid_request", f"Invalid request: {detail}.") from None
+
+
+def check_head_size(raw_path: bytes, headers: Iterable[tuple[str, str]], limit: int) -> None:
+    """431 for a request line and headers over ``limit`` bytes.
+
+    Hypercorn enforces the same limit only on a head that arrives in pieces
+    (h11 bounds what it buffers while waiting for the rest); a head that
+    arrives in one read (up to 64 KiB) reaches us whole and is checked here.
+    """
+    size = len(raw_path) + sum(len(name) + len(value) + 4 for name, value in headers)
+    if size > limit:
+        raise ApiError(
+            431,
+            "headers_too_large",
+            f"The request line and headers exceed {limit} bytes.",
+            headers=CLOSE_CONNECTION,  # the body, if any, is not read
+        )
 
 
 def parse_session_id(header: str | None) -> str | None:

@@ -12,6 +12,7 @@ import trio
 import trio.testing
 
 from server.agents.scripted import ScriptedAgent
+from server.cli import parse_settings
 from server.core import (
     AgentRequest,
     CancelReason,
@@ -438,3 +439,43 @@ async def test_openai_readers_are_dropped_with_a_final_error_chunk_and_done(
     await frames.aclose()
     await run.wait_ended()
     assert run.status is RunStatus.COMPLETED
+
+
+# --- configuration ----------------------------------------------------------
+
+LIMIT_FLAGS = {
+    "--max-prompt-chars": ("max_prompt_chars", "5000"),
+    "--max-messages": ("max_messages", "7"),
+    "--max-header-bytes": ("max_header_bytes", "4096"),
+    "--max-sessions": ("max_sessions", "11"),
+    "--max-sessions-per-key": ("max_sessions_per_key", "5"),
+    "--max-runs": ("max_runs", "9"),
+    "--max-runs-per-key": ("max_runs_per_key", "3"),
+    "--run-timeout": ("run_timeout", "2.5"),
+    "--max-run-events": ("max_run_events", "500"),
+    "--max-run-bytes": ("max_run_bytes", "65536"),
+    "--max-subscribers": ("max_subscribers", "4"),
+    "--send-timeout": ("send_timeout", "7.5"),
+}
+
+
+@pytest.mark.parametrize("flag", LIMIT_FLAGS)
+def test_every_limit_is_a_flag_and_an_environment_variable(flag: str) -> None:
+    field, value = LIMIT_FLAGS[flag]
+    env = "STREAM_SERVER_" + flag.removeprefix("--").replace("-", "_").upper()
+    default = getattr(parse_settings([], environ={}), field)
+    from_env = getattr(parse_settings([], environ={env: value}), field)
+    from_flag = getattr(parse_settings([flag, value], environ={env: "1"}), field)
+    assert from_env == from_flag == type(default)(value) != default
+
+
+@pytest.mark.parametrize(
+    "argv", [["--max-runs", "0"], ["--run-timeout", "-1"], ["--max-run-events", "3"]]
+)
+def test_a_limit_out_of_range_is_a_usage_error(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(argv, environ={})
+    assert exit_info.value.code == 2
+    assert "Traceback" not in capsys.readouterr().err
