@@ -148,6 +148,25 @@ async def test_prompt_over_the_character_limit_gets_413(server: ServerProcess) -
     await assert_still_serves(server.url)
 
 
+async def test_chunked_body_over_the_limit_gets_413(server: ServerProcess) -> None:
+    """Without a Content-Length the limit holds while the body streams in."""
+    limit = Settings().max_body_bytes
+
+    async def body() -> AsyncIterator[bytes]:  # noqa: ASYNC124  (httpx2 streams async iterables)
+        yield b'{"prompt": "'
+        for _ in range(limit // 65536 + 2):
+            yield b"a" * 65536
+        yield b'"}'
+
+    async with httpx2.AsyncClient(base_url=server.url, timeout=30.0) as client:
+        response = await client.post(
+            CHAT_PATH, content=body(), headers={**auth(), "Content-Type": "application/json"}
+        )
+        assert_json_error(response, 413, "payload_too_large")
+        assert response.headers["Connection"] == "close"
+    await assert_still_serves(server.url)
+
+
 async def test_too_many_messages_gets_413(server: ServerProcess) -> None:
     limit = Settings().max_messages
     messages = [{"role": "user", "content": "hi"}] * (limit + 1)
