@@ -355,13 +355,23 @@ async def test_run_timeout_interrupts_the_run_with_reason_deadline() -> None:
         await assert_still_serves(server.url)
 
 
-async def test_a_run_past_its_byte_limit_ends_failed_with_run_too_large() -> None:
-    with running_server(*SLOW_REPLY, "--max-run-bytes", "200") as server:
+@pytest.mark.parametrize(
+    "limit",
+    [("--max-run-bytes", "200"), ("--max-run-events", "10", "--coalesce-ms", "0")],
+    ids=["bytes", "events"],
+)
+async def test_a_run_past_its_log_limit_ends_failed_with_run_too_large(
+    limit: tuple[str, ...],
+) -> None:
+    with running_server(*SLOW_REPLY, *limit) as server:
         async with httpx2.AsyncClient(base_url=server.url, timeout=30.0) as client:
             stream = await stream_chat(client, "say a lot")
             assert stream.finish_reason == "error", stream.final
             assert stream.final["error"]["code"] == "run_too_large"
-            assert len(stream.text.encode()) <= 200
+            if limit[0] == "--max-run-bytes":
+                assert len(stream.text.encode()) <= 200
+            else:  # run.started, deltas, run.failed: at most 10 events
+                assert len(stream.chunks) <= 10
             record = (await client.get(f"/v1/runs/{stream.run_id}", headers=auth())).json()
             assert record["status"] == "failed"
             assert record["error"]["code"] == "run_too_large"
