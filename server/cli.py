@@ -67,6 +67,39 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--drain-timeout", float, defaults.drain_timeout, "seconds runs may finish after SIGTERM"
     )
     option("--max-body-bytes", int, defaults.max_body_bytes, "largest request body accepted")
+    # Limits (docs/operations.md, "Limits").
+    option(
+        "--max-prompt-chars",
+        int,
+        defaults.max_prompt_chars,
+        "characters of prompt and message contents in one request",
+    )
+    option("--max-messages", int, defaults.max_messages, "messages in one request")
+    option(
+        "--max-header-bytes",
+        int,
+        defaults.max_header_bytes,
+        "bytes of a request's line and headers (HTTP/1.1) or header list (HTTP/2)",
+    )
+    option("--max-sessions", int, defaults.max_sessions, "open sessions in total")
+    option("--max-sessions-per-key", int, defaults.max_sessions_per_key, "open sessions per key")
+    option("--max-runs", int, defaults.max_runs, "concurrent runs in total")
+    option("--max-runs-per-key", int, defaults.max_runs_per_key, "concurrent runs per key")
+    option(
+        "--run-timeout",
+        float,
+        defaults.run_timeout,
+        "seconds a run may take before it is interrupted (reason deadline); 0: no limit",
+    )
+    option("--max-run-events", int, defaults.max_run_events, "events in one run's log")
+    option("--max-run-bytes", int, defaults.max_run_bytes, "bytes of one run's answer")
+    option("--max-subscribers", int, defaults.max_subscribers, "readers of one run at once")
+    option(
+        "--send-timeout",
+        float,
+        defaults.send_timeout,
+        "seconds one frame's write may take before its reader is dropped; 0: no limit",
+    )
     option(
         "--coalesce-ms",
         float,
@@ -133,6 +166,18 @@ def parse_settings(
             idle_timeout=args.idle_timeout,
             drain_timeout=args.drain_timeout,
             max_body_bytes=args.max_body_bytes,
+            max_prompt_chars=args.max_prompt_chars,
+            max_messages=args.max_messages,
+            max_header_bytes=args.max_header_bytes,
+            max_sessions=args.max_sessions,
+            max_sessions_per_key=args.max_sessions_per_key,
+            max_runs=args.max_runs,
+            max_runs_per_key=args.max_runs_per_key,
+            run_timeout=args.run_timeout,
+            max_run_events=args.max_run_events,
+            max_run_bytes=args.max_run_bytes,
+            max_subscribers=args.max_subscribers,
+            send_timeout=args.send_timeout,
             coalesce_ms=args.coalesce_ms,
             data_dir=args.data_dir,
             retain_runs=args.retain_runs,

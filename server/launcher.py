@@ -6,17 +6,29 @@ Draining therefore happens *inside* the shutdown trigger, while connections
 are still open: stop admitting runs (503), let live runs finish for up to
 ``drain_timeout``, cancel the rest with reason ``shutdown`` (their clients
 get ``run.interrupted``), and only then let Hypercorn close.
+
+Limits at the socket: request heads (line and headers) are bounded by
+``--max-header-bytes`` (Hypercorn answers a bigger one with 431 and closes
+that connection). Writes to a client that stops reading are bounded by
+``--send-timeout``: the listening sockets carry ``TCP_USER_TIMEOUT``, which
+accepted connections inherit, so the kernel breaks a connection whose
+written data has not been taken for that long (a zero receive window
+included). Hypercorn's writes are shielded from cancellation, so nothing
+above the socket could end such a write.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import socket
 from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve as hypercorn_serve
+from hypercorn.config import Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
 
 from .core.agent import Agent
 from .logs import log_event
@@ -44,7 +56,20 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # our format (server.logs.configure_logging).
     config.accesslog = logging.getLogger("hypercorn.access")
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.h11_max_incomplete_size = settings.max_header_bytes
+    config.h2_max_header_list_size = settings.max_header_bytes
     return config
+
+
+def listening_sockets(config: HypercornConfig, settings: Settings) -> Sockets:
+    """Hypercorn's sockets for ``config``, listening, with the send timeout."""
+    sockets = config.create_sockets()
+    for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+        if settings.send_timeout and sock.family in (socket.AF_INET, socket.AF_INET6):
+            timeout_ms = max(1, round(settings.send_timeout * 1000))
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+        sock.listen(config.backlog)
+    return sockets
 
 
 async def serve(
@@ -69,15 +94,23 @@ async def serve(
                 await state.manager.drain(grace_period=settings.drain_timeout)
             log_event(logger, "drained")
 
-        async with trio.open_nursery() as nursery:
-            binds: list[str] = await nursery.start(
-                partial(
-                    hypercorn_serve,
-                    app,
-                    hypercorn_config(settings),
-                    shutdown_trigger=drain_on_signal,
+        config = hypercorn_config(settings)
+        sockets = listening_sockets(config, settings)
+        try:
+            async with trio.open_nursery() as nursery:
+                # hypercorn.trio.serve, with our sockets.
+                binds: list[str] = await nursery.start(
+                    partial(
+                        worker_serve,
+                        wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                        config,
+                        sockets=sockets,
+                        shutdown_trigger=drain_on_signal,
+                    )
                 )
-            )
-            for bind in binds:
-                log_event(logger, "listening", url=bind)
-            task_status.started(binds)
+                for bind in binds:
+                    log_event(logger, "listening", url=bind)
+                task_status.started(binds)
+        finally:
+            for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
+                sock.close()

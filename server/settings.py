@@ -32,6 +32,21 @@ class Settings:
     idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
     drain_timeout: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
     max_body_bytes: int = attrs.field(default=MiB, validator=attrs.validators.gt(0))
+    # Limits (docs/operations.md, "Limits").
+    max_prompt_chars: int = attrs.field(default=256 * 1024, validator=attrs.validators.gt(0))
+    max_messages: int = attrs.field(default=1000, validator=attrs.validators.gt(0))
+    max_header_bytes: int = attrs.field(default=16 * 1024, validator=attrs.validators.ge(1024))
+    max_sessions: int = attrs.field(default=10_000, validator=attrs.validators.gt(0))
+    max_sessions_per_key: int = attrs.field(default=1000, validator=attrs.validators.gt(0))
+    max_runs: int = attrs.field(default=1000, validator=attrs.validators.gt(0))
+    max_runs_per_key: int = attrs.field(default=256, validator=attrs.validators.gt(0))
+    # Seconds a run may produce before it is interrupted (reason deadline); 0: off.
+    run_timeout: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
+    max_run_events: int = attrs.field(default=100_000, validator=attrs.validators.ge(8))
+    max_run_bytes: int = attrs.field(default=8 * MiB, validator=attrs.validators.gt(0))
+    max_subscribers: int = attrs.field(default=64, validator=attrs.validators.gt(0))
+    # Seconds one frame's write may take before its reader is dropped; 0: off.
+    send_timeout: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
     # Deltas arriving within this many ms of a published one are merged.
     coalesce_ms: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
     # The run store (SQLite) lives here; "" keeps run records in memory only.

@@ -6,6 +6,10 @@ from .agent import AgentRequest as AgentRequest
 from .agent import ChatTurn as ChatTurn
 from .events import CancelReason as CancelReason
 from .events import RunStatus as RunStatus
+from .limits import LimitExceeded as LimitExceeded
+from .limits import TooManyRuns as TooManyRuns
+from .limits import TooManySessions as TooManySessions
+from .limits import TooManySubscribers as TooManySubscribers
 from .manager import EngineConfig as EngineConfig
 from .manager import SessionManager as SessionManager
 from .run import Run as Run

@@ -5,6 +5,14 @@ Resource handling: :meth:`SessionManager.serve` is started with
 per session; each session owns its runs. Nothing the manager starts outlives
 ``serve``.
 
+Limits: sessions (per principal and in total) and concurrent runs (per
+principal and in total) are checked and taken in the synchronous part of
+:meth:`SessionManager.submit`, before its first checkpoint, so two
+submissions cannot both take the last slot; a refused submission creates
+nothing. A *run slot* is held by a session from the admission that made it
+busy until it is quiet again (no live run, no submission on its way): a
+supersede or an enqueued prompt reuses its session's slot.
+
 Shutdown: :meth:`drain` stops admitting runs (:class:`Draining`), lets live
 runs finish for up to the drain timeout, then cancels the rest with reason
 ``shutdown`` and waits for their bounded cleanup. :meth:`aclose` does the
@@ -23,6 +31,7 @@ from .agent import Agent, AgentRequest
 from .config import EngineConfig
 from .coordinator import Coordinator, InProcessCoordinator
 from .events import CancelReason
+from .limits import TooManyRuns, TooManySessions
 from .registry import RunRegistry
 from .run import NullObserver, Run, RunObserver
 from .session import (
@@ -60,6 +69,10 @@ class SessionManager:
     _closed: trio.Event = attrs.field(factory=trio.Event, init=False)
     # Sessions whose ownership the coordinator granted (and must get back).
     _coordinated: set[Session] = attrs.field(factory=set, init=False)
+    # Open sessions and run slots (sessions that are busy), per principal.
+    _sessions_of: dict[str, int] = attrs.field(factory=dict, init=False)
+    _run_slots_of: dict[str, int] = attrs.field(factory=dict, init=False)
+    _run_slots: int = attrs.field(default=0, init=False)
 
     @runs.default
     def _make_registry(self) -> RunRegistry:
@@ -76,6 +89,11 @@ class SessionManager:
     @property
     def sessions(self) -> dict[SessionKey, Session]:
         return dict(self._sessions)
+
+    @property
+    def busy_sessions(self) -> int:
+        """Sessions holding a run slot: what ``max_runs`` counts."""
+        return self._run_slots
 
     async def serve(
         self, *, task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED
@@ -107,7 +125,8 @@ class SessionManager:
         Raises :class:`Draining` while shutting down, :class:`SessionClosed`
         if the session failed to start while this submission waited,
         :class:`RunInProgress` (``reject``) and :class:`QueueFull`
-        (``enqueue``) as ``on_conflict`` says."""
+        (``enqueue``) as ``on_conflict`` says, :class:`TooManySessions` and
+        :class:`TooManyRuns` when a limit refuses it (nothing created)."""
         if self.draining:
             raise Draining
         ephemeral = session_id is None
@@ -118,6 +137,11 @@ class SessionManager:
         # synchronous step: that fixes the order submissions are served in.
         session = self._sessions.get(key)
         created = session is None
+        # Every limit is checked before anything is created or counted.
+        if session is None:
+            self._check_room_for_session(principal)
+        if session is None or not session.holds_run_slot:
+            self._check_room_for_run(principal)
         if session is None:
             session = Session(
                 key=key,
@@ -128,13 +152,16 @@ class SessionManager:
                 observer=self.observer,
                 on_dropped=self._forget,
                 on_discarded=self.runs.discard,
+                on_quiet=self._release_run_slot,
             )
             self._sessions[key] = session
+            self._sessions_of[principal] = self._sessions_of.get(principal, 0) + 1
         if on_conflict is OnConflict.REJECT and session.busy:
             raise RunInProgress
         if on_conflict is OnConflict.ENQUEUE and session.users >= self.config.max_queued:
             raise QueueFull
         ticket = session.admit()
+        self._take_run_slot(session)
         try:
             if created:
                 await self._start_session(session)
@@ -158,9 +185,50 @@ class SessionManager:
             session.close()
             raise
 
+    # --- limits ----------------------------------------------------------
+
+    def _check_room_for_session(self, principal: str) -> None:
+        if self._sessions_of.get(principal, 0) >= self.config.max_sessions_per_principal:
+            raise TooManySessions(
+                f"This API key has {self.config.max_sessions_per_principal} open sessions, "
+                "its limit; idle sessions close after the idle timeout."
+            )
+        if len(self._sessions) >= self.config.max_sessions:
+            raise TooManySessions("The server has as many open sessions as it accepts.")
+
+    def _check_room_for_run(self, principal: str) -> None:
+        if self._run_slots_of.get(principal, 0) >= self.config.max_runs_per_principal:
+            raise TooManyRuns(
+                f"This API key has {self.config.max_runs_per_principal} runs going, its limit; "
+                "wait for one to end."
+            )
+        if self._run_slots >= self.config.max_runs:
+            raise TooManyRuns("The server is running as many runs as it accepts.")
+
+    def _take_run_slot(self, session: Session) -> None:
+        if not session.holds_run_slot:
+            session.holds_run_slot = True
+            principal = session.key.principal
+            self._run_slots_of[principal] = self._run_slots_of.get(principal, 0) + 1
+            self._run_slots += 1
+
+    def _release_run_slot(self, session: Session) -> None:
+        if session.holds_run_slot:
+            session.holds_run_slot = False
+            principal = session.key.principal
+            self._run_slots_of[principal] -= 1
+            if not self._run_slots_of[principal]:
+                del self._run_slots_of[principal]
+            self._run_slots -= 1
+
     def _forget(self, session: Session) -> None:
+        self._release_run_slot(session)
         if self._sessions.get(session.key) is session:
             del self._sessions[session.key]
+            principal = session.key.principal
+            self._sessions_of[principal] -= 1
+            if not self._sessions_of[principal]:
+                del self._sessions_of[principal]
         if session in self._coordinated:
             self._coordinated.discard(session)
             self.coordinator.release(session.key)

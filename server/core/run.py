@@ -13,6 +13,14 @@ publishes exactly one terminal event. Cleanup that awaits (the observer,
 which persists) runs shielded under ``move_on_after(cleanup_budget)``: it
 completes under cancellation but cannot hang the session.
 
+Limits: ``run_timeout`` (0: none) interrupts a run that is still producing
+that long after it started, with reason ``deadline``, through the same
+cleanup as any other cancel. A run whose answer would exceed ``max_bytes``
+(UTF-8) or whose log would exceed ``max_events`` ends ``failed`` with
+``run_too_large`` (the agent is cancelled; what was published stays), so no
+run's log grows without bound. ``max_subscribers`` readers at once; one more
+is refused with :class:`TooManySubscribers`.
+
 Error handling: agent exceptions become ``run.failed``; an
 :class:`AgentError` carries its client-safe code and message, anything else
 is reported as ``agent_error`` with the traceback in the server log only.
@@ -55,6 +63,7 @@ from .events import (
 )
 from .lifecycle import Lifecycle, RunState
 from .lifecycle_log import lifecycle_event
+from .limits import TooManySubscribers
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +71,12 @@ AGENT_ERROR = ErrorInfo(code="agent_error", message="The agent failed while prod
 INTERNAL_ERROR = ErrorInfo(
     code="internal_error", message="The server failed while running the agent."
 )
+RUN_TOO_LARGE = ErrorInfo(
+    code="run_too_large", message="The answer exceeded the server's size limit for one run."
+)
+# Events a run may still publish once its agent stops: the buffered deltas,
+# run.message and the terminal event. max_events keeps room for them.
+CLOSING_EVENTS = 3
 
 
 class ObserverError(Exception):
@@ -129,6 +144,11 @@ class Run:
     # clock) the superseding prompt was admitted.
     supersedes: str | None = None
     admitted_at: float | None = None
+    # Limits (see the module docstring); the defaults are EngineConfig's.
+    run_timeout: float = 0.0
+    max_events: int = attrs.field(default=100_000, validator=attrs.validators.gt(CLOSING_EVENTS))
+    max_bytes: int = 8 * 1024 * 1024
+    max_subscribers: int = 64
 
     log: EventLog = attrs.field(factory=EventLog, init=False)
     lifecycle: Lifecycle = attrs.field(factory=Lifecycle, init=False)
@@ -158,6 +178,7 @@ class Run:
     _buffered_chars: int = attrs.field(default=0, init=False)
     _message: str | None = attrs.field(default=None, init=False)
     _delta_events: int = attrs.field(default=0, init=False)
+    _text_bytes: int = attrs.field(default=0, init=False)
     _ended: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     # --- queries -----------------------------------------------------------
@@ -220,7 +241,15 @@ class Run:
         await self._ended.wait()
 
     def subscribe(self, *, after: int = -1) -> Subscription:
-        """A reader starting after event ``after`` (``-1``: from the start)."""
+        """A reader starting after event ``after`` (``-1``: from the start).
+
+        Raises :class:`TooManySubscribers` when ``max_subscribers`` readers
+        are open; open the subscription at once (synchronously) so the count
+        cannot be overtaken."""
+        if self.subscriber_count >= self.max_subscribers:
+            raise TooManySubscribers(
+                f"This run already has {self.max_subscribers} readers, its limit."
+            )
         return Subscription(self.log, self._count_subscriber, cursor=after + 1)
 
     def _count_subscriber(self, delta: int) -> None:
@@ -242,19 +271,25 @@ class Run:
         finished = False
         try:
             with self._cancel_scope:
-                with trio.move_on_after(self.cleanup_budget):
-                    await self._tell_observer(self.observer.run_started(self))
-                async with trio.open_nursery() as nursery:
-                    send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
-                    nursery.start_soon(self._drive_agent, send_channel)
-                    await self._pump(receive_channel)
-                    if self.error is not None:
-                        # The pump refused the agent's output: stop the agent.
-                        nursery.cancel_scope.cancel()
-                # The agent has returned: from here on a cancel is too late
-                # and the run completes.
-                self._producing = False
-                finished = True
+                # Inside the run's own scope: an explicit cancel (outer) wins
+                # over the deadline, and only the deadline is caught here.
+                with trio.move_on_after(self.run_timeout or math.inf) as deadline:
+                    with trio.move_on_after(self.cleanup_budget):
+                        await self._tell_observer(self.observer.run_started(self))
+                    async with trio.open_nursery() as nursery:
+                        send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
+                        nursery.start_soon(self._drive_agent, send_channel)
+                        await self._pump(receive_channel)
+                        if self.error is not None:
+                            # The pump refused the agent's output: stop the agent.
+                            nursery.cancel_scope.cancel()
+                    # The agent has returned: from here on a cancel is too late
+                    # and the run completes.
+                    self._producing = False
+                    finished = True
+                if deadline.cancelled_caught and self.cancel_reason is None:
+                    self.cancel_reason = CancelReason.DEADLINE
+                    lifecycle_event("stream_cancelled", trace=self.run_id, reason="deadline")
         except Exception:
             logger.exception("run %s: engine failure", self.run_id)
             self.error = INTERNAL_ERROR
@@ -326,21 +361,33 @@ class Run:
                     except trio.EndOfChannel:
                         return
                 if window.cancelled_caught:
+                    if self._buffered and not self._room_for_delta():
+                        return
                     window_end = self._flush_window()
                     continue
                 match output:
                     case TextDelta(text=text) if text:
-                        self._deltas.append(text)
+                        if not self._take_bytes(text):
+                            return
                         if window_end == math.inf:
+                            if not self._room_for_delta():
+                                return
+                            self._deltas.append(text)
                             self._publish_delta(text)
                             window_end = self._open_window()
                         else:
+                            self._deltas.append(text)
                             self._buffered.append(text)
                             self._buffered_chars += len(text)
                             if self._buffered_chars >= self.coalesce_max_chars:
+                                if not self._room_for_delta():
+                                    return
                                 self._flush_buffer()
                                 window_end = self._open_window()
                     case FullMessage(text=text):
+                        if len(text.encode()) > self.max_bytes:
+                            self._too_large()
+                            return
                         self._message = text
                     case UsageReport(usage=usage):
                         self.usage = usage
@@ -354,6 +401,31 @@ class Run:
                         logger.warning("run %s: agent sent %r", self.run_id, type(output))
                         self.error = AGENT_ERROR
                         return
+
+    def _take_bytes(self, text: str) -> bool:
+        """Count a delta against ``max_bytes``; False (run failed) if over."""
+        self._text_bytes += len(text.encode())
+        if self._text_bytes > self.max_bytes:
+            self._too_large()
+            return False
+        return True
+
+    def _room_for_delta(self) -> bool:
+        """Whether one more run.delta leaves room for the closing events;
+        False (run failed) if not."""
+        if len(self.log) + 1 + CLOSING_EVENTS > self.max_events:
+            self._too_large()
+            return False
+        return True
+
+    def _too_large(self) -> None:
+        logger.warning(
+            "run_too_large trace=%s events=%d bytes=%d",
+            self.run_id,
+            len(self.log),
+            self._text_bytes,
+        )
+        self.error = RUN_TOO_LARGE
 
     def _open_window(self) -> float:
         return trio.current_time() + self.coalesce_window if self.coalesce_window > 0 else math.inf

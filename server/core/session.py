@@ -129,6 +129,11 @@ class Session:
     on_dropped: Callable[[Session], None] = attrs.field(default=lambda session: None)
     # Called (synchronously) when a rolled-back run is to be forgotten.
     on_discarded: Callable[[Run], None] = attrs.field(default=lambda run: None)
+    # Called (synchronously) whenever the session stops being busy: the
+    # manager gives back its run slot.
+    on_quiet: Callable[[Session], None] = attrs.field(default=lambda session: None)
+    # Set and cleared by the manager, which counts concurrent runs.
+    holds_run_slot: bool = attrs.field(default=False, init=False)
 
     current: Run | None = attrs.field(default=None, init=False)
     users: int = attrs.field(default=0, init=False)
@@ -216,6 +221,11 @@ class Session:
         self._turnstile.leave(ticket)
         self.users -= 1
         self._touch()
+        self._check_quiet()
+
+    def _check_quiet(self) -> None:
+        if not self.busy:
+            self.on_quiet(self)
 
     @property
     def busy(self) -> bool:
@@ -277,6 +287,10 @@ class Session:
             if superseding and previous is not None and on_conflict is not OnConflict.ENQUEUE
             else None,
             admitted_at=admitted_at,
+            run_timeout=self.config.run_timeout,
+            max_events=self.config.max_run_events,
+            max_bytes=self.config.max_run_bytes,
+            max_subscribers=self.config.max_subscribers,
         )
         assert self._nursery is not None
         # Registered before the first checkpoint, so a drain that starts now
@@ -308,3 +322,4 @@ class Session:
     def _run_ended(self, run: Run) -> None:
         self.live_runs.discard(run)
         self._touch()
+        self._check_quiet()

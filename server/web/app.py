@@ -29,7 +29,7 @@ from .auth import KeyRing
 from .errors import error_response, install_error_handlers
 from .metrics import MeteredObserver, install_metrics_route
 from .ops import install_ops_routes
-from .requests import ChatRequest, parse_chat_request, parse_session_id
+from .requests import ChatRequest, check_head_size, parse_chat_request, parse_session_id
 from .runs import install_run_routes
 from .state import AppState
 from .streaming import RunStream, streaming_response, wait_for_end
@@ -53,6 +53,15 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     )
     app.extensions["stream_server"] = state
     install_error_handlers(app)
+
+    @app.before_request
+    async def limit_head_size() -> None:  # noqa: ASYNC124
+        check_head_size(
+            request.scope.get("raw_path", b"") + request.scope.get("query_string", b""),
+            request.headers.items(),
+            settings.max_header_bytes,
+        )
+
     install_run_routes(app, state)
     install_ops_routes(app, state)
     install_metrics_route(app, state)
@@ -81,6 +90,14 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
                 keep_ended_runs=settings.retain_runs,
                 keep_ended_seconds=settings.retain_seconds,
                 keep_ended_bytes=settings.retain_bytes,
+                max_sessions=settings.max_sessions,
+                max_sessions_per_principal=settings.max_sessions_per_key,
+                max_runs=settings.max_runs,
+                max_runs_per_principal=settings.max_runs_per_key,
+                run_timeout=settings.run_timeout,
+                max_run_events=settings.max_run_events,
+                max_run_bytes=settings.max_run_bytes,
+                max_subscribers=settings.max_subscribers,
             ),
         )
         state.manager = await app.nursery.start(manager.serve)
@@ -107,7 +124,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         chat = parse_chat_request(
             await request.get_data(cache=False, as_text=False, parse_form_data=False)
         )
-        agent_request = chat.agent_request()
+        agent_request = chat.agent_request(
+            max_chars=settings.max_prompt_chars, max_messages=settings.max_messages
+        )
         run = await state.running_manager().submit(
             principal, session_id, agent_request, on_conflict=OnConflict(chat.on_conflict)
         )
@@ -123,6 +142,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             run,
             encoder,
             heartbeat_interval=settings.heartbeat_interval,
+            send_timeout=settings.send_timeout,
             cancel_on_close=cancel_on_disconnect,
         )
         return streaming_response(app.response_class, stream, headers)

@@ -9,6 +9,7 @@ import logging
 from quart import Quart, Response, jsonify
 from werkzeug.exceptions import HTTPException
 
+from ..core.limits import LimitExceeded
 from ..core.session import Draining, QueueFull, RunInProgress, SessionClosed
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,14 @@ def install_error_handlers(app: Quart) -> None:
 
     for exception, (status, code, message, headers) in _ENGINE_ERRORS.items():
         engine_error(exception, status, code, message, headers)
+
+    # The engine's limits (server/core/limits.py) say which limit, in words
+    # written for clients, and when to retry.
+    @app.errorhandler(LimitExceeded)
+    async def _limit(error: LimitExceeded) -> Response:  # noqa: ASYNC124
+        return error_response(
+            429, error.code, error.message, {"Retry-After": str(error.retry_after)}
+        )
 
     @app.errorhandler(HTTPException)
     async def _http_error(error: HTTPException) -> Response:  # noqa: ASYNC124

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import typing
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import attrs
@@ -18,7 +19,7 @@ import cattrs.cols
 import cattrs.gen
 
 from ..core.agent import AgentRequest, ChatTurn
-from .errors import ApiError
+from .errors import CLOSE_CONNECTION, ApiError
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -63,8 +64,26 @@ class ChatRequest:
     # What this prompt does to a run its session is still producing.
     on_conflict: Literal["interrupt", "reject", "enqueue", "rollback"] = "interrupt"
 
-    def agent_request(self) -> AgentRequest:
-        turns = tuple(ChatTurn(role=m.role, content=m.text) for m in self.messages or ())
+    def agent_request(
+        self, *, max_chars: int | None = None, max_messages: int | None = None
+    ) -> AgentRequest:
+        """The engine's request; 413 past ``max_messages`` messages or
+        ``max_chars`` characters of prompt and message contents together."""
+        messages = self.messages or ()
+        if max_messages is not None and len(messages) > max_messages:
+            raise ApiError(
+                413,
+                "too_many_messages",
+                f"The request has {len(messages)} messages; the server accepts {max_messages}.",
+            )
+        turns = tuple(ChatTurn(role=m.role, content=m.text) for m in messages)
+        chars = len(self.prompt or "") + sum(len(turn.content) for turn in turns)
+        if max_chars is not None and chars > max_chars:
+            raise ApiError(
+                413,
+                "prompt_too_large",
+                f"The prompt and messages hold {chars} characters; the server accepts {max_chars}.",
+            )
         prompt = self.prompt
         if prompt is None:
             prompt = next((turn.content for turn in reversed(turns) if turn.role == "user"), None)
@@ -167,6 +186,23 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         problems = cattrs.transform_error(exc, format_exception=_describe)
         detail = "; ".join(problems[:5])
         raise ApiError(422, "invalid_request", f"Invalid request: {detail}.") from None
+
+
+def check_head_size(raw_path: bytes, headers: Iterable[tuple[str, str]], limit: int) -> None:
+    """431 for a request line and headers over ``limit`` bytes.
+
+    Hypercorn enforces the same limit only on a head that arrives in pieces
+    (h11 bounds what it buffers while waiting for the rest); a head that
+    arrives in one read (up to 64 KiB) reaches us whole and is checked here.
+    """
+    size = len(raw_path) + sum(len(name) + len(value) + 4 for name, value in headers)
+    if size > limit:
+        raise ApiError(
+            431,
+            "headers_too_large",
+            f"The request line and headers exceed {limit} bytes.",
+            headers=CLOSE_CONNECTION,  # the body, if any, is not read
+        )
 
 
 def parse_session_id(header: str | None) -> str | None:

@@ -142,6 +142,7 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
             run,
             encoder,
             heartbeat_interval=state.settings.heartbeat_interval,
+            send_timeout=state.settings.send_timeout,
             after=after,
             cancel_on_close=False,
         )

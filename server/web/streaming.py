@@ -5,12 +5,26 @@ cancel scope across a ``yield``), so a response can be abandoned at any
 point without leaving anything behind. Their ``finally`` blocks are
 synchronous: Quart closes a body with ``aclose()`` when the client goes
 away, and a cancelled task may not await.
+
+Slow readers: a reader never holds up its run (the log is appended to
+without waiting for anyone) and never holds more than one frame of its own:
+when it wakes it takes everything pending as one merged frame. A frame
+whose write took longer than ``send_timeout`` marks the reader as too slow:
+it gets one closing frame (``stream.dropped`` for native events; for OpenAI
+chunks a final chunk with ``finish_reason: "error"`` and code
+``slow_reader``, then ``[DONE]``) and its stream ends. A reader that reads
+nothing at all never finishes a write; the listening socket's
+``TCP_USER_TIMEOUT`` (see :mod:`server.launcher`) breaks its connection
+after the same timeout. Either way the run goes on for its other readers
+and its record, even with ``on_disconnect: "cancel"``: a reader dropped for
+slowness did not ask to stop, and can reattach from the last ``seq`` it got.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 import attrs
 import trio
@@ -19,9 +33,19 @@ from quart import Response
 from ..core.eventlog import Subscription
 from ..core.events import CancelReason, TerminalEvent
 from ..core.run import Run
-from ..wire import FrameEncoder
+from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder
+from ..wire.native import dumps
+from ..wire.openai import chunk
+from ..wire.sse import sse_event
+
+logger = logging.getLogger(__name__)
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SLOW_READER = {
+    "code": "slow_reader",
+    "message": "The client read the stream too slowly and was disconnected; "
+    "the run goes on: reattach with GET /v1/runs/{run_id}/events.",
+}
 
 
 class StreamMeter(Protocol):
@@ -48,14 +72,21 @@ class RunStream:
     run: Run
     encoder: FrameEncoder
     heartbeat_interval: float
+    # Seconds one frame's write may take before the reader is dropped; 0: off.
+    send_timeout: float = 0.0
     after: int = -1
     # False for readers that only watch (reattach, on_disconnect=continue).
     cancel_on_close: bool = True
     # Counts what was written (the HTTP connection sets the app's metrics).
     meter: StreamMeter = attrs.field(factory=NullStreamMeter)
+    # Set once the reader was dropped for reading too slowly.
+    dropped: bool = attrs.field(default=False, init=False)
     _subscription: Subscription = attrs.field(init=False)
+    # When the frame being written was handed over (None: not writing).
+    _write_started: float | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
+        # Raises TooManySubscribers; opened at once so the count is exact.
         self._subscription = self.run.subscribe(after=self.after).open()
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -68,24 +99,80 @@ class RunStream:
                 batch = subscription.take()
                 if batch:
                     frame = self.encoder.encode(batch)
-                    yield frame
-                    # Resumed: the frame was written.
-                    self.meter.frame_sent(events=len(batch), nbytes=len(frame))
-                    continue
-                with trio.move_on_after(self.heartbeat_interval) as silence:
-                    await subscription.wait()
-                if silence.cancelled_caught:
-                    heartbeat = self.encoder.heartbeat()
-                    yield heartbeat
-                    self.meter.frame_sent(events=0, nbytes=len(heartbeat))
+                else:
+                    with trio.move_on_after(self.heartbeat_interval) as silence:
+                        await subscription.wait()
+                    if not silence.cancelled_caught:
+                        continue
+                    frame = self.encoder.heartbeat()
+                # The generator is suspended here until the frame is written.
+                self._write_started = trio.current_time()
+                yield frame
+                took = trio.current_time() - self._write_started
+                self._write_started = None
+                self.meter.frame_sent(events=len(batch), nbytes=len(frame))
+                if self.send_timeout and took > self.send_timeout and not subscription.finished:
+                    self._drop(took)
+                    yield dropped_frame(self.encoder, self.run, subscription.cursor - 1)
+                    return
         finally:
             self.close()
 
+    def _drop(self, took: float) -> None:
+        self.dropped = True
+        logger.warning(
+            "subscriber_dropped trace=%s reason=slow_reader write_s=%.1f sent_seq=%d",
+            self.run.run_id,
+            took,
+            self._subscription.cursor - 1,
+        )
+
     def close(self) -> None:
-        """Synchronous and idempotent: safe in a cancelled task's ``finally``."""
+        """Synchronous and idempotent: safe in a cancelled task's ``finally``.
+
+        A reader closed while a write of its has been pending for longer
+        than ``send_timeout`` is dropped for slowness, not gone: the run is
+        left alone."""
+        started = self._write_started
+        if (
+            not self.dropped
+            and started is not None
+            and self.send_timeout
+            and trio.current_time() - started > self.send_timeout
+        ):
+            self._drop(trio.current_time() - started)
         self._subscription.close()
-        if self.cancel_on_close and not self._subscription.finished:
+        if self.cancel_on_close and not self.dropped and not self._subscription.finished:
             self.run.cancel(CancelReason.CLIENT_DISCONNECT)
+
+
+def dropped_frame(encoder: FrameEncoder, run: Run, sent_seq: int) -> bytes:
+    """The closing frame for a reader dropped for slowness; ``sent_seq`` is
+    the last event it was sent (reattach after it)."""
+    error = {**SLOW_READER, "message": SLOW_READER["message"].replace("{run_id}", run.run_id)}
+    notice: dict[str, Any] = {
+        "type": "stream.dropped",
+        "run_id": run.run_id,
+        "session_id": run.session_id,
+        "after": sent_seq,
+        "error": error,
+    }
+    match encoder:
+        case NativeSseEncoder():
+            # No id: the client's Last-Event-ID stays at the last run event.
+            return sse_event(dumps(notice), event="stream.dropped")
+        case NativeNdjsonEncoder():
+            return (dumps(notice) + "\n").encode()
+        case OpenAIChunkEncoder(created=created, model=model):
+            final = chunk(
+                run.run_id,
+                created=created,
+                model=model,
+                delta={},
+                finish={"finish_reason": "error", "error": error},
+            )
+            return sse_event(dumps(final)) + sse_event("[DONE]")
+    raise TypeError(f"no dropped frame for {type(encoder).__name__}")
 
 
 def streaming_response(
