@@ -28,6 +28,7 @@ from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
 from .errors import error_response, install_error_handlers
 from .ops import install_ops_routes
+from .page import install_page
 from .requests import ChatRequest, parse_chat_request, parse_session_id
 from .runs import install_run_routes
 from .state import AppState
@@ -54,6 +55,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     install_error_handlers(app)
     install_run_routes(app, state)
     install_ops_routes(app, state)
+    install_page(app)
 
     @app.before_serving
     async def start_engine() -> None:
