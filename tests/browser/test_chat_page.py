@@ -263,3 +263,32 @@ def test_frames_of_another_run_or_seen_before_never_land_in_an_answer(page: Page
     assert text_of(answer) == "fresh words"
     assert answer.get_attribute("data-ignored") == "2"
     assert answer.get_attribute("data-verified") == "true"
+
+
+def test_sessions_new_and_existing_and_a_reload_mid_run_follows_the_live_run(
+    page: Page, api: httpx2.Client, artifacts_dir: Path
+) -> None:
+    prompt = "Survive a reload"
+    send(page, prompt)
+    wait_streaming(answers(page).first)
+    session_id = page.input_value("#session-id")
+
+    # A reload keeps the key and session (localStorage); the run went on
+    # without the page, which loads the session and follows the live run.
+    page.reload()
+    expect(page.locator("#session-id")).to_have_value(session_id)
+    expect(page.locator("#api-key")).to_have_value(DEV_KEY)
+    answer = answers(page).first
+    expect(answer).to_have_attribute("data-status", "completed")
+    assert text_of(answer) == run_record(api, answer)["text"] == expected_text(prompt)
+    assert answer.get_attribute("data-verified") == "true"
+
+    # A new session starts empty; typing the old id brings its answers back.
+    page.click("#new-session")
+    expect(page.locator("#session-id")).not_to_have_value(session_id)
+    expect(answers(page)).to_have_count(0)
+    page.fill("#session-id", session_id)
+    page.press("#session-id", "Enter")
+    expect(answers(page)).to_have_count(1)
+    assert text_of(answers(page).first) == expected_text(prompt)
+    shot(page, artifacts_dir, "10-existing-session")
