@@ -14,9 +14,11 @@ Screenshots of each state go to ``$BROWSER_ARTIFACTS_DIR`` or
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +74,7 @@ def browser(chromium_path: str) -> Iterator[Browser]:
         from playwright.sync_api import sync_playwright
     except ImportError:
         browser_unavailable("the playwright package is not installed (pip install -e '.[test]')")
-    with sync_playwright() as playwright:
+    with standard_asyncio_loops(), sync_playwright() as playwright:
         # launch() gives the browser a fresh temporary profile (user data
         # dir) of its own and deletes it on close.
         browser = playwright.chromium.launch(executable_path=chromium_path, args=CHROMIUM_ARGS)
@@ -80,6 +82,20 @@ def browser(chromium_path: str) -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
+
+
+@contextmanager
+def standard_asyncio_loops() -> Iterator[None]:
+    """Playwright's sync API runs a plain asyncio loop of its own. Once the
+    server's trio-asyncio adapter is imported, ``asyncio.new_event_loop()``
+    outside trio makes a trio-asyncio loop, which cannot host it; a policy
+    set for this thread takes precedence (trio_asyncio/_loop.py), and
+    ``None`` gives the thread back to whatever was there before."""
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(None)
 
 
 @pytest.fixture(scope="module")
