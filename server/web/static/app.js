@@ -90,14 +90,8 @@ function announce(text) {
   ui.announcer.textContent = text;
 }
 
-function pause(ms, signal) {
-  return new Promise((resolve) => {
-    const timer = setTimeout(resolve, ms);
-    signal.addEventListener("abort", () => {
-      clearTimeout(timer);
-      resolve();
-    }, { once: true });
-  });
+function pause(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 // --- how a run ended, in words ---------------------------------------------
@@ -141,8 +135,6 @@ class Answer {
     this.ended = false;
     this.stopRequested = false;
     this.ignored = 0;
-    // Aborts this answer's fetches and waits (the page is leaving it behind).
-    this.controller = new AbortController();
 
     if (prompt !== null) {
       const user = document.createElement("li");
@@ -161,10 +153,6 @@ class Answer {
     this.statusElement.className = "status";
     this.element.append(this.textElement, this.statusElement);
     conversation.list.append(this.element);
-  }
-
-  get signal() {
-    return this.controller.signal;
   }
 
   bind(runId) {
@@ -266,7 +254,7 @@ async function readFrames(answer, response) {
       }
     }
   } catch {
-    // The connection broke (or the answer was abandoned): the caller decides.
+    // The connection broke (or a frame was not JSON): the caller reattaches.
   } finally {
     reader.cancel().catch(() => {});
   }
@@ -283,7 +271,6 @@ async function reattach(answer) {
     response = await fetch(`/v1/runs/${encodeURIComponent(answer.runId)}/events`, {
       headers,
       cache: "no-store",
-      signal: answer.signal,
     });
   } catch {
     return null;
@@ -304,11 +291,11 @@ async function reattach(answer) {
 
 async function follow(answer, response) {
   let failures = 0;
-  while (!answer.ended && !answer.signal.aborted) {
+  while (!answer.ended) {
     if (response) {
       if (await readFrames(answer, response)) failures = 0;
       response = null;
-      if (answer.ended || answer.signal.aborted) return;
+      if (answer.ended) return;
       answer.setStatus("reconnecting", "connection lost — reconnecting");
     }
     response = await reattach(answer);
@@ -318,7 +305,7 @@ async function follow(answer, response) {
       return;
     }
     answer.setStatus("reconnecting", `connection lost — reconnecting (attempt ${failures + 2})`);
-    await pause(RECONNECT_DELAYS_MS[failures], answer.signal);
+    await pause(RECONNECT_DELAYS_MS[failures]);
     failures += 1;
   }
 }
@@ -484,7 +471,6 @@ async function send(promptText) {
       // A new prompt supersedes a live run of the session (the default
       // on_conflict); leaving does not end the run, so the page can reattach.
       body: JSON.stringify({ messages, on_disconnect: "continue" }),
-      signal: answer.signal,
     });
   } catch {
     answer.end("failed", "failed — the server could not be reached");
