@@ -44,10 +44,10 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-# A run lasts ~3 s (60 words, 50 ms apart): long enough to supersede, stop
+# A run lasts ~2 s (40 words, 50 ms apart): long enough to supersede, stop
 # or cut deterministically once the first words showed, short enough to
 # wait for its completion.
-REPLY_WORDS = 60
+REPLY_WORDS = 40
 SERVER_ARGS = ("--token-delay", "0.05", "--reply-words", str(REPLY_WORDS))
 DEV_KEY = "devkey"
 PAGE_TIMEOUT_MS = 15_000
@@ -120,17 +120,17 @@ def api(chat_server: ServerProcess) -> Iterator[httpx2.Client]:
         yield client
 
 
-def open_page(browser: Browser, proxy: SeverableProxy, **context_args: Any) -> Iterator[Page]:
-    """The chat page in a fresh context (empty localStorage), loaded through
-    the proxy; fails the test on any uncaught page error."""
-    proxy.restore()
+@contextmanager
+def opened_page(browser: Browser, url: str, **context_args: Any) -> Iterator[Page]:
+    """The chat page at ``url`` in a fresh context (empty localStorage);
+    fails the test on any uncaught page error."""
     context = browser.new_context(**context_args)
     errors: list[str] = []
     try:
         page = context.new_page()
         page.set_default_timeout(PAGE_TIMEOUT_MS)
         page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(proxy.url + "/")
+        page.goto(url + "/")
         yield page
     finally:
         context.close()
@@ -139,14 +139,18 @@ def open_page(browser: Browser, proxy: SeverableProxy, **context_args: Any) -> I
 
 @pytest.fixture
 def page(browser: Browser, proxy: SeverableProxy) -> Iterator[Page]:
-    yield from open_page(browser, proxy, viewport=DESKTOP)
+    """The page loaded through the proxy (whose connections a test may cut)."""
+    proxy.restore()
+    with opened_page(browser, proxy.url, viewport=DESKTOP) as page:
+        yield page
 
 
 @pytest.fixture
 def phone_page(browser: Browser, proxy: SeverableProxy) -> Iterator[Page]:
-    yield from open_page(
-        browser, proxy, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
-    )
+    with opened_page(
+        browser, proxy.url, viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    ) as page:
+        yield page
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,5 @@
 """The chat page in headless Chromium against the real server (scripted
-agent, paced so a run lasts ~3 s).
+agent, paced so a run lasts ~2 s).
 
 Every wait is on page state (Playwright's ``expect`` retries until the
 condition holds or its timeout) or on the server's state, never a sleep.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,12 +21,13 @@ import httpx2
 import pytest
 
 from server.agents.scripted import scripted_words
+from tests.integration.harness import running_server
 
-from .conftest import DEV_KEY, REPLY_WORDS
+from .conftest import DESKTOP, DEV_KEY, REPLY_WORDS, SERVER_ARGS, opened_page
 from .proxy import SeverableProxy
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Locator, Page
+    from playwright.sync_api import Browser, Locator, Page
 
 pytestmark = [pytest.mark.browser, pytest.mark.integration]
 
@@ -211,7 +213,7 @@ def test_wrong_api_key_shows_a_clear_error(page: Page, artifacts_dir: Path) -> N
     # the key is kept for the next visit.
     send(page, "Let me in", key=DEV_KEY)
     expect(alert).to_be_hidden()
-    expect(answers(page).nth(1)).to_have_attribute("data-status", "completed")
+    wait_streaming(answers(page).nth(1))
     assert page.evaluate("localStorage.getItem('tss.apiKey')") == DEV_KEY
 
 
@@ -292,3 +294,20 @@ def test_sessions_new_and_existing_and_a_reload_mid_run_follows_the_live_run(
     expect(answers(page)).to_have_count(1)
     assert text_of(answers(page).first) == expected_text(prompt)
     shot(page, artifacts_dir, "10-existing-session")
+
+
+def test_server_shutdown_shows_interrupted(browser: Browser, artifacts_dir: Path) -> None:
+    # A server of its own, which this test stops: no drain time, so the run
+    # is interrupted (reason shutdown) at once.
+    with running_server(*SERVER_ARGS, "--drain-timeout", "0") as server:
+        with opened_page(browser, server.url, viewport=DESKTOP) as page:
+            send(page, "Interrupt me")
+            answer = answers(page).first
+            wait_streaming(answer)
+            server.send_signal(signal.SIGTERM)
+            expect(answer).to_have_attribute("data-status", "interrupted")
+            expect(answer.locator(".status")).to_have_text(
+                "interrupted — the server is shutting down"
+            )
+            assert expected_text("Interrupt me").startswith(text_of(answer))
+            shot(page, artifacts_dir, "11-interrupted-by-shutdown")
