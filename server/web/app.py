@@ -29,6 +29,7 @@ from .auth import KeyRing
 from .errors import error_response, install_error_handlers
 from .metrics import MeteredObserver, install_metrics_route
 from .ops import install_ops_routes
+from .page import install_page
 from .requests import ChatRequest, check_head_size, parse_chat_request, parse_session_id
 from .runs import install_run_routes
 from .state import AppState
@@ -65,6 +66,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     install_run_routes(app, state)
     install_ops_routes(app, state)
     install_metrics_route(app, state)
+    install_page(app)
 
     @app.before_serving
     async def start_engine() -> None:
