@@ -41,6 +41,12 @@ def fault_server(data_dir: Path, *args: str) -> Iterator[ServerProcess]:
         yield server
 
 
+def server_log(server: ServerProcess, last: int = 60) -> str:
+    """The end of the server's log without the access log (the probes')."""
+    lines = [line for line in server.lines if " hypercorn.access " not in line]
+    return "\n".join(lines[-last:])
+
+
 def ndjson_headers(session_id: str | None = None) -> dict[str, str]:
     headers = {**auth(), "Accept": "application/x-ndjson"}
     if session_id is not None:
@@ -88,7 +94,7 @@ async def settle(server: ServerProcess, baseline: Baseline) -> dict[str, Any]:
         figures = {k: last.get(k) for k in ("tasks", "threads", "live_runs", "sessions")}
         raise AssertionError(
             f"not back at baseline {baseline} after {SETTLE_TIMEOUT}s: {figures}\n"
-            f"{json.dumps(last.get('task_tree'), indent=1)}\n{server.log_text(last=60)}"
+            f"{json.dumps(last.get('task_tree'), indent=1)}\n{server_log(server)}"
         ) from None
 
 
@@ -161,26 +167,3 @@ async def read_until(stream: trio.SocketStream, marker: bytes, count: int = 1) -
         assert data, f"server closed the connection early: {received!r}"
         received += data
     return received
-
-
-async def wait_run_state(server: ServerProcess, run_id: str, state: str) -> None:
-    """Until ``/debug/tasks`` shows ``run_id`` as the current run in ``state``."""
-
-    async def probe() -> bool | None:
-        body = await debug_tasks(server)
-        states = {
-            s["current_run"]["id"]: s["current_run"]["state"]
-            for s in body["sessions"]
-            if s["current_run"]
-        }
-        return True if states.get(run_id) == state else None
-
-    with server.deadline(10.0, f"run {run_id} to be {state}"):
-        await poll_until_async(probe)
-
-
-async def poll_until_async(probe: Any) -> Any:
-    while (result := await probe()) is None:
-        await trio.sleep(0.02)
-    return result
-
