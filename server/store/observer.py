@@ -12,12 +12,13 @@ waiting for its turn: a cancelled store call never ran) is inserted when
 the run ends, so the terminal status still lands if the store recovered.
 
 A terminal write that did not happen (the store was locked or refused the
-write, or the cleanup budget ran out while it waited) is kept and written
-again after a later run's terminal write succeeds, a few at a time, so a
-run never stays ``running`` in the store once the store has recovered.
-Each is tried :data:`TERMINAL_WRITE_ATTEMPTS` times in all; a write still
-pending when the process stops is left to crash recovery at the next open
-(``interrupted`` / ``crash_recovery``).
+write, or the cleanup budget ran out while it waited its turn, as under
+heavy load) is kept and written again after a later run's terminal write
+succeeds, a few at a time, and all of them before the store closes, so a
+run does not stay ``running`` in the store once the store has recovered. A
+write the store refuses :data:`TERMINAL_WRITE_ATTEMPTS` times is given up
+(logged; crash recovery marks the row at the next open); a write that was
+cancelled before its turn never ran and does not count as an attempt.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .sqlite import SqliteRunStore
 
 logger = logging.getLogger(__name__)
 
-# Tries of one terminal write before it is given up (logged as an error).
+# Refusals of one terminal write by the store before it is given up (logged).
 TERMINAL_WRITE_ATTEMPTS = 5
 # Earlier failed terminal writes retried after each successful one: a bound
 # on the extra work one run's cleanup takes on.
@@ -63,6 +64,9 @@ class StoreObserver:
     _unrecorded: dict[str, RunRecord] = attrs.field(factory=dict, init=False)
     # Ended runs whose terminal status is not in the store yet, oldest first.
     _unfinished: dict[str, _TerminalWrite] = attrs.field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.store.before_close.append(self.flush)
 
     @property
     def unfinished(self) -> int:
@@ -121,10 +125,16 @@ class StoreObserver:
         await self._retry_unfinished()
 
     async def _write(self, write: _TerminalWrite) -> None:
-        write.attempts += 1
-        if write.start is not None:
-            await self.store.insert_started(write.start)
-            write.start = None  # done: a retry must not insert it twice
+        try:
+            if write.start is not None:
+                await self.store.insert_started(write.start)
+                write.start = None  # done: a retry must not insert it twice
+            await self._finish(write)
+        except StoreWriteError:
+            write.attempts += 1
+            raise
+
+    async def _finish(self, write: _TerminalWrite) -> None:
         await self.store.finish(
             write.run_id,
             status=write.status,
@@ -147,10 +157,19 @@ class StoreObserver:
                 write.attempts,
             )
 
-    async def _retry_unfinished(self) -> None:
+    async def flush(self) -> None:
+        """Land every pending terminal write (the store calls this before it
+        closes, after the runs have ended)."""
+        await self._retry_unfinished(len(self._unfinished))
+        if self._unfinished:
+            logger.error("run_store_unfinished count=%d at close", len(self._unfinished))
+
+    async def _retry_unfinished(self, limit: int = RETRIES_PER_RUN_END) -> None:
         """The store has just taken a write: land terminal writes it refused
-        earlier, oldest first, a bounded few; stop at the first that fails."""
-        for _ in range(min(RETRIES_PER_RUN_END, len(self._unfinished))):
+        earlier, oldest first, up to ``limit``; stop at the first that fails."""
+        for _ in range(limit):
+            if not self._unfinished:  # (other run ends retry concurrently)
+                return
             write = self._unfinished.pop(next(iter(self._unfinished)))
             try:
                 await self._write(write)

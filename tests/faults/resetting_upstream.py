@@ -34,7 +34,10 @@ class ResettingUpstream:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         port = listeners[0].socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        await trio.serve_listeners(self._handle, listeners, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            # Already listening: connections made from now on are served.
+            nursery.start_soon(trio.serve_listeners, self._handle, listeners)
+            task_status.started()
 
     async def _handle(self, stream: trio.SocketStream) -> None:
         head, body = await _read_request(stream)
@@ -47,9 +50,7 @@ class ResettingUpstream:
             media = wire.media_type
         await stream.send_all(
             (
-                "HTTP/1.1 200 OK\r\n"
-                f"Content-Type: {media}\r\n"
-                "Transfer-Encoding: chunked\r\n\r\n"
+                f"HTTP/1.1 200 OK\r\nContent-Type: {media}\r\nTransfer-Encoding: chunked\r\n\r\n"
             ).encode()
         )
         for piece in [wire.opening(), *(wire.token(token_text(i)) for i in range(self.tokens))]:

@@ -87,9 +87,11 @@ async def settle(server: ServerProcess, baseline: Baseline) -> dict[str, Any]:
 
     try:
         with trio.fail_after(SETTLE_TIMEOUT):
-            while (body := await probe()) is None:
+            while True:
+                body = await probe()
+                if body is not None:
+                    return body
                 await trio.sleep(0.05)
-            return body
     except trio.TooSlowError:
         figures = {k: last.get(k) for k in ("tasks", "threads", "live_runs", "sessions")}
         raise AssertionError(

@@ -101,9 +101,7 @@ async def test_hang_up_while_waiting_for_a_superseded_runs_cleanup(tmp_path: Pat
 
 
 @pytest.mark.parametrize("accept", ["ndjson", "openai"])
-async def test_hang_up_after_the_first_frame_cancels_the_run(
-    accept: str, tmp_path: Path
-) -> None:
+async def test_hang_up_after_the_first_frame_cancels_the_run(accept: str, tmp_path: Path) -> None:
     with fault_server(tmp_path, *AGENT) as server:
         baseline = await idle_baseline(server)
         sessions = [f"first-frame-{index}" for index in range(5)]
@@ -163,5 +161,3 @@ async def test_hang_up_during_cleanup(tmp_path: Path) -> None:
     runs = stored_runs(tmp_path)
     assert_nothing_running(runs)
     assert (runs[run_id]["status"], runs[run_id]["cancel_reason"]) == ("cancelled", "client_stop")
-
-

@@ -95,9 +95,7 @@ async def test_sigterm_while_the_new_prompt_waits_for_the_old_runs_cleanup(
     tmp_path: Path,
 ) -> None:
     with fault_server(tmp_path, *AGENT) as server:
-        first_id, first, second = await supersede_then_sigterm(
-            server, after_second_started=False
-        )
+        first_id, first, second = await supersede_then_sigterm(server, after_second_started=False)
     assert first[0] == 200 and first[1][-1]["type"] == "run.cancelled", first
     assert first[1][-1]["reason"] == "superseded"
     runs = stored_runs(tmp_path)

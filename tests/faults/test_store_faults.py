@@ -123,9 +123,13 @@ async def test_store_fault_keeps_runs_streaming_and_nothing_stays_running(
                         for done in (before, inside, stopped):
                             await done.wait()
 
-        expected = {"before": "run.completed", "inside": "run.completed", "stopped": "run.cancelled"}
+        expected = {
+            "before": "run.completed",
+            "inside": "run.completed",
+            "stopped": "run.cancelled",
+        }
         assert {name: events[-1]["type"] for name, events in results.items()} == expected
-        for name, events in results.items():
+        for events in results.values():
             assert [event["seq"] for event in events] == list(range(len(events)))
             # Ended during the fault: the record may be stale, and the client is told.
             details = events[-1].get("error_details")
