@@ -162,7 +162,7 @@ class StoreObserver:
         closes, after the runs have ended)."""
         await self._retry_unfinished(len(self._unfinished))
         if self._unfinished:
-            logger.error("run_store_unfinished count=%d at close", len(self._unfinished))
+            logger.error("run_store_unfinished count=%d", len(self._unfinished))
 
     async def _retry_unfinished(self, limit: int = RETRIES_PER_RUN_END) -> None:
         """The store has just taken a write: land terminal writes it refused

@@ -55,7 +55,10 @@ def make_run(observer: StoreObserver, agent: Agent | None = None) -> Run:
 async def start_recorded(nursery: trio.Nursery, store: SqliteRunStore, run: Run) -> None:
     """Start ``run`` and wait until its start is in the store."""
     await nursery.start(run.run)
-    while await store.get(run.run_id) is None:
+    # The start is written by the run's task, after it reported started.
+    while True:
+        if await store.get(run.run_id) is not None:
+            return
         await trio.sleep(0.005)
 
 
