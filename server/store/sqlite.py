@@ -37,7 +37,7 @@ import os
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from functools import partial
 from pathlib import Path
@@ -102,6 +102,8 @@ class SqliteRunStore:
     _closed: trio.Event = attrs.field(factory=trio.Event, init=False)
     # Writes that failed (the store_write_failures metric).
     write_failures: int = attrs.field(default=0, init=False)
+    # Awaited by aclose before it stops taking calls (the observer's pending writes).
+    before_close: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list, init=False)
 
     # --- lifecycle ---------------------------------------------------------
 
@@ -157,6 +159,12 @@ class SqliteRunStore:
         if self._closing:
             await self._closed.wait()
             return
+        with trio.move_on_after(self.close_timeout, shield=True):
+            for hook in self.before_close:
+                try:
+                    await hook()
+                except Exception:
+                    logger.exception("run_store_before_close_failed")
         self._closing = True
         try:
             with trio.CancelScope(shield=True):
