@@ -347,43 +347,53 @@ class Run:
         arriving inside it are buffered and published as one ``run.delta``
         when it closes (or as soon as ``coalesce_max_chars`` are buffered),
         and a new window opens. A window that closes with nothing buffered
-        simply ends. The window's timer is this pump's own receive deadline,
-        so it cannot outlive the run. Whatever is buffered when the pump
+        simply ends. The window's timer is this pump's own receive deadline
+        (set only while something is buffered), so it cannot outlive the run. Whatever is buffered when the pump
         stops is flushed by :meth:`_end`, before ``run.message`` and the
         terminal event; a delta still in the channel then is never received.
         """
-        window_end = math.inf
+        # Until window_end, deltas are buffered; the first delta after it is
+        # published at once and opens the next window. Only a window with
+        # something buffered needs a timer: a model streaming slower than
+        # the window costs no timer per token.
+        window_end = -math.inf
         async with receive_channel:
             while True:
-                with trio.move_on_at(window_end) as window:
+                if self._buffered:
+                    with trio.move_on_at(window_end) as window:
+                        try:
+                            output = await receive_channel.receive()
+                        except trio.EndOfChannel:
+                            return
+                    if window.cancelled_caught:
+                        if not self._room_for_delta():
+                            return
+                        self._flush_buffer()
+                        window_end = self._window_from_now()
+                        continue
+                else:
                     try:
                         output = await receive_channel.receive()
                     except trio.EndOfChannel:
                         return
-                if window.cancelled_caught:
-                    if self._buffered and not self._room_for_delta():
-                        return
-                    window_end = self._flush_window()
-                    continue
                 match output:
                     case TextDelta(text=text) if text:
                         if not self._take_bytes(text):
                             return
-                        if window_end == math.inf:
+                        self._deltas.append(text)
+                        if not self._buffered and trio.current_time() >= window_end:
                             if not self._room_for_delta():
                                 return
-                            self._deltas.append(text)
                             self._publish_delta(text)
-                            window_end = self._open_window()
+                            window_end = self._window_from_now()
                         else:
-                            self._deltas.append(text)
                             self._buffered.append(text)
                             self._buffered_chars += len(text)
                             if self._buffered_chars >= self.coalesce_max_chars:
                                 if not self._room_for_delta():
                                     return
                                 self._flush_buffer()
-                                window_end = self._open_window()
+                                window_end = self._window_from_now()
                     case FullMessage(text=text):
                         if len(text.encode()) > self.max_bytes:
                             self._too_large()
@@ -427,16 +437,8 @@ class Run:
         )
         self.error = RUN_TOO_LARGE
 
-    def _open_window(self) -> float:
-        return trio.current_time() + self.coalesce_window if self.coalesce_window > 0 else math.inf
-
-    def _flush_window(self) -> float:
-        """The window closed: publish what it gathered and open the next
-        window, or end it if it gathered nothing."""
-        if not self._buffered:
-            return math.inf
-        self._flush_buffer()
-        return self._open_window()
+    def _window_from_now(self) -> float:
+        return trio.current_time() + self.coalesce_window
 
     def _flush_buffer(self) -> None:
         if self._buffered:
