@@ -35,6 +35,16 @@ SERVERS: dict[str, tuple[list[str], dict[str, str]]] = {
             ADMIN_KEY,
             "--data-dir",
             "",
+            # The baselines have no limits; ours are raised above the
+            # harness's load (1,000 concurrent streams on one key).
+            "--max-runs-per-key",
+            "5000",
+            "--max-runs",
+            "5000",
+            "--max-sessions-per-key",
+            "20000",
+            "--max-sessions",
+            "20000",
         ],
         {"Authorization": f"Bearer {ADMIN_KEY}"},
     ),
