@@ -27,6 +27,7 @@ from ..wire.openai import completion
 from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
 from .errors import error_response, install_error_handlers
+from .openapi import install_openapi_route
 from .ops import install_ops_routes
 from .requests import ChatRequest, parse_chat_request, parse_session_id
 from .runs import install_run_routes
@@ -38,8 +39,9 @@ NDJSON = "application/x-ndjson"
 
 def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     # An explicit root path: Flask cannot derive one for a package found
-    # through an editable install's import hook.
-    app = QuartTrio(__name__, root_path=str(Path(__file__).parent))
+    # through an editable install's import hook. No static files: an API has
+    # no /static route.
+    app = QuartTrio(__name__, root_path=str(Path(__file__).parent), static_folder=None)
     app.asgi_http_class = StreamingHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     # Quart-Trio bounds the after_serving hooks by this; ours interrupt live
@@ -54,6 +56,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     install_error_handlers(app)
     install_run_routes(app, state)
     install_ops_routes(app, state)
+    install_openapi_route(app)
 
     @app.before_serving
     async def start_engine() -> None:
