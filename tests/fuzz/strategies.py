@@ -48,35 +48,84 @@ json_values = st.recursive(
 )
 
 
-def objects(keys: list[str], values: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
-    """Objects whose keys are mostly the expected ones."""
-    return st.dictionaries(st.sampled_from(keys) | st.text(max_size=3), values, max_size=4)
-
-
-_parts = objects(["type", "text"], st.sampled_from(["text", "image_url"]) | json_values)
-_content = st.text(max_size=10) | st.lists(_parts, max_size=2) | json_values
-_messages = st.lists(
-    objects(["role", "content"], st.sampled_from(["user", "assistant"]) | _content), max_size=3
+texts = st.text(st.characters(exclude_categories=("Cs",)), max_size=20)
+valid_messages = st.lists(
+    st.fixed_dictionaries(
+        {"role": st.sampled_from(["system", "user", "assistant"])},
+        optional={
+            "content": st.none()
+            | texts
+            | st.lists(
+                st.fixed_dictionaries(
+                    {"type": st.sampled_from(["text", "image_url"])}, optional={"text": texts}
+                ),
+                max_size=3,
+            )
+        },
+    ),
+    max_size=4,
 )
-
-# Every field of ChatRequest, each with well-typed and ill-typed values.
-CHAT_FIELDS: dict[str, st.SearchStrategy[Any]] = {
-    "messages": _messages | json_values,
-    "prompt": st.text(max_size=10) | json_values,
-    "model": st.text(max_size=10) | json_values,
-    "stream": st.booleans() | json_values,
-    "stream_options": objects(["include_usage"], st.booleans() | json_values) | json_values,
-    "stream_format": st.sampled_from(["openai", "events", "sse"]) | json_values,
-    "on_disconnect": st.sampled_from(["cancel", "continue", "stay"]) | json_values,
-    "on_conflict": st.sampled_from(["interrupt", "reject", "enqueue", "rollback", "x"])
-    | json_values,
-}
-
-chat_bodies = st.builds(
-    lambda known, extra: {**extra, **known},
-    st.fixed_dictionaries({}, optional=CHAT_FIELDS),
-    st.dictionaries(st.text(max_size=5), json_values, max_size=2),
+# Bodies ChatRequest accepts, every field optional.
+valid_chat_requests = st.fixed_dictionaries(
+    {},
+    optional={
+        "messages": st.none() | valid_messages,
+        "prompt": st.none() | texts,
+        "model": st.none() | texts,
+        "stream": st.booleans(),
+        "stream_options": st.none()
+        | st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
+        "stream_format": st.sampled_from([None, "openai", "events"]),
+        "on_disconnect": st.sampled_from(["cancel", "continue"]),
+        "on_conflict": st.sampled_from(["interrupt", "reject", "enqueue", "rollback"]),
+    },
 )
+PATHS_INTO_BODY = [
+    ("messages",),
+    ("messages", 0),
+    ("messages", 0, "role"),
+    ("messages", 0, "content"),
+    ("messages", 0, "content", 0),
+    ("messages", 0, "content", 0, "type"),
+    ("messages", 0, "content", 0, "text"),
+    ("prompt",),
+    ("model",),
+    ("stream",),
+    ("stream_options",),
+    ("stream_options", "include_usage"),
+    ("stream_format",),
+    ("on_disconnect",),
+    ("on_conflict",),
+    ("unknown",),
+]
+
+
+def replace_at(body: Any, path: tuple[str | int, ...], value: Any) -> Any:
+    """``body`` with the value at ``path`` replaced (when the path exists)."""
+    if not path:
+        return value
+    key, rest = path[0], path[1:]
+    if isinstance(body, dict) and isinstance(key, str) and (key in body or not rest):
+        return {**body, key: replace_at(body.get(key), rest, value)}
+    if isinstance(body, list) and isinstance(key, int) and key < len(body):
+        return [*body[:key], replace_at(body[key], rest, value), *body[key + 1 :]]
+    return body
+
+
+# One of each JSON type: the likely mistakes.
+LIKELY_MISTAKES = [None, True, 0, 1.5, "", "x", [], {}, [None], {"": None}]
+_replacements = st.sampled_from(LIKELY_MISTAKES) | json_values
+
+
+@st.composite
+def chat_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid body with one or two values (at any depth) replaced by arbitrary
+    JSON, and unknown fields: mostly one mistake away from valid."""
+    body: dict[str, Any] = draw(valid_chat_requests)
+    for _ in range(draw(st.integers(0, 2))):
+        body = replace_at(body, draw(st.sampled_from(PATHS_INTO_BODY)), draw(_replacements))
+    extra = draw(st.dictionaries(st.text(max_size=5), json_values, max_size=2))
+    return {**extra, **body}
 
 
 # --- run events --------------------------------------------------------------
