@@ -347,7 +347,7 @@ _CHAT_COMPLETIONS = {
                 "name": "X-Stream-Format",
                 "in": "header",
                 "required": False,
-                "description": "`events` asks for native events over SSE; other values are ignored.",
+                "description": "`events`: native events over SSE; other values are ignored.",
                 "schema": {"type": "string"},
             },
         ],
@@ -379,7 +379,9 @@ _CHAT_COMPLETIONS = {
             "409": _error("`run_in_progress`: `on_conflict: reject` while the session is busy."),
             "413": _error("`payload_too_large`: body over `--max-body-bytes`."),
             "422": _error("`invalid_request` (wrong shape) or `missing_prompt`."),
-            "429": _error("`queue_full`: `on_conflict: enqueue` with the line full.", retry_after=True),
+            "429": _error(
+                "`queue_full`: `on_conflict: enqueue` with the line full.", retry_after=True
+            ),
             "500": _error("`internal_error`: the run failed on a server bug, or a server bug."),
             "502": _error("The agent's error code: a non-streaming request whose run failed."),
             "503": _error(

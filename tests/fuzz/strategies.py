@@ -3,6 +3,7 @@ bodies near the valid ones, and the run events the wire encoders take."""
 
 from __future__ import annotations
 
+import itertools
 import string
 from typing import Any
 
@@ -136,7 +137,9 @@ usages = st.builds(
     prompt_tokens=st.integers(0, 10**6),
     completion_tokens=st.integers(0, 10**6),
 )
-errors = st.builds(ErrorInfo, code=st.text(string.ascii_lowercase + "_", min_size=1), message=any_text)
+errors = st.builds(
+    ErrorInfo, code=st.text(string.ascii_lowercase + "_", min_size=1), message=any_text
+)
 
 
 def terminals(run_id: str, session_id: str, seq: int) -> st.SearchStrategy[TerminalEvent]:
@@ -183,4 +186,4 @@ def batches(draw: st.DrawFn, events: list[RunEvent]) -> list[list[RunEvent]]:
     """``events`` cut into the batches a subscriber might take."""
     cuts = sorted(draw(st.sets(st.integers(1, max(1, len(events) - 1)), max_size=len(events))))
     bounds = [0, *cuts, len(events)]
-    return [events[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if a < b]
+    return [events[a:b] for a, b in itertools.pairwise(bounds) if a < b]
