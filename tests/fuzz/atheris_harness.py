@@ -107,7 +107,8 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
 
 def main() -> None:
     if len(sys.argv) < 2 or sys.argv[1] not in TARGETS:
-        sys.exit(f"usage: python -m tests.fuzz.atheris_harness {{{','.join(TARGETS)}}} [libFuzzer args]")
+        targets = ",".join(TARGETS)
+        sys.exit(f"usage: python -m tests.fuzz.atheris_harness {{{targets}}} [libFuzzer args]")
     target = TARGETS[sys.argv[1]]
     args = [sys.argv[0], *sys.argv[2:]]
     if not any(arg.startswith("-dict=") for arg in args):
