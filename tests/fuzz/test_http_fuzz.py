@@ -19,6 +19,7 @@ seconds on the tiny scripted reply.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -157,7 +158,7 @@ def stream_events(response: schemathesis.Response) -> list[Any]:
     assert media_type(response) == "text/event-stream", media_type(response)
     decoder = SseDecoder()
     payloads: list[Any] = []
-    for line in text.splitlines():
+    for line in re.split("\r\n|\r|\n", text):  # SSE's line ends, not str.splitlines
         event = decoder.feed(line)
         if event is not None:
             _, data = event
