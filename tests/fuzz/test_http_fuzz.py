@@ -211,7 +211,7 @@ UNDOCUMENTED_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 def test_undocumented_methods_are_405_with_allow(
-    server: ServerProcess, schema: schemathesis.BaseSchema, http: requests.Session
+    server: ServerProcess, http: requests.Session
 ) -> None:
     document = requests.get(f"{server.url}/openapi.json", timeout=HTTP_TIMEOUT).json()
     for template, item in document["paths"].items():
