@@ -28,6 +28,7 @@ from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
 from .errors import error_response, install_error_handlers
 from .metrics import MeteredObserver, install_metrics_route
+from .openapi import install_openapi_route
 from .ops import install_ops_routes
 from .page import install_page
 from .requests import ChatRequest, check_head_size, parse_chat_request, parse_session_id
@@ -40,7 +41,8 @@ NDJSON = "application/x-ndjson"
 
 def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     # An explicit root path: Flask cannot derive one for a package found
-    # through an editable install's import hook.
+    # through an editable install's import hook. No static files: an API has
+    # no /static route.
     app = QuartTrio(__name__, root_path=str(Path(__file__).parent))
     app.asgi_http_class = StreamingHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
@@ -67,6 +69,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     install_ops_routes(app, state)
     install_metrics_route(app, state)
     install_page(app)
+    install_openapi_route(app)
 
     @app.before_serving
     async def start_engine() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from quart import Quart, Response, jsonify
+from quart import Quart, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ..core.limits import LimitExceeded
@@ -118,7 +118,23 @@ def install_error_handlers(app: Quart) -> None:
             headers.update(CLOSE_CONNECTION)
         return error_response(status, code, message, headers)
 
+    @app.after_request
+    async def _close_after_refused_body(response: Response) -> Response:  # noqa: ASYNC124
+        # An error answered before the request's body was read leaves that
+        # body on a kept-alive connection, and the next request on it could
+        # hang behind it (seen under load for 400s, 404s and 405s with a
+        # body). Whether the body was read is not public in Quart, so every
+        # error to a request that carried one closes its connection.
+        if response.status_code >= 400 and _carries_body():
+            response.headers.update(CLOSE_CONNECTION)
+        return response
+
     @app.errorhandler(Exception)
     async def _unexpected(error: Exception) -> Response:  # noqa: ASYNC124
         logger.exception("unhandled error in request", exc_info=error)
         return error_response(500, "internal_error", "The server failed to handle the request.")
+
+
+def _carries_body() -> bool:
+    headers = request.headers
+    return "transfer-encoding" in headers or headers.get("content-length", "0") not in ("", "0")

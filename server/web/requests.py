@@ -172,12 +172,39 @@ _converter.register_structure_hook_factory(attrs.has, _strict_object)
 _converter.register_structure_hook(str | list[TextPart] | None, _content)
 
 
+# A surrogate code point in a decoded ``str`` is a lone one (JSON's
+# ``"\ud800"`` escape): no UTF-8 can carry it, so the agent, the run store and
+# the wire encoders would each fail on it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    pending = [value]  # iterative: the parser allows nesting deeper than our stack
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
+
+
 def parse_chat_request(body: bytes) -> ChatRequest:
     try:
         raw = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         # RecursionError: nesting deeper than the parser's stack allows.
         raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
+    if _has_lone_surrogate(raw):
+        raise ApiError(
+            400,
+            "invalid_json",
+            "The request body is not valid JSON: a string holds an unpaired surrogate escape.",
+        )
     if not isinstance(raw, dict):
         raise ApiError(422, "invalid_request", "The request body must be a JSON object.")
     try:
@@ -209,9 +236,12 @@ def parse_session_id(header: str | None) -> str | None:
     if header is None:
         return None
     if not SESSION_ID_PATTERN.fullmatch(header):
+        # Refused before the body is read: without the close, a body still
+        # on its way would hang the kept-alive connection's next request.
         raise ApiError(
             400,
             "invalid_session_id",
             "X-Session-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -",
+            headers=CLOSE_CONNECTION,
         )
     return header

@@ -14,7 +14,7 @@ import attrs
 from ..core.events import RunEvent
 from . import openai
 from .native import dumps, event_dict
-from .sse import SSE_HEARTBEAT, sse_event
+from .sse import SSE_HEARTBEAT, sse_event, utf8
 
 
 class FrameEncoder(Protocol):
@@ -49,7 +49,7 @@ class NativeNdjsonEncoder:
     media_type: str = "application/x-ndjson"
 
     def encode(self, batch: Sequence[RunEvent]) -> bytes:
-        return "".join(dumps(event_dict(event)) + "\n" for event in batch).encode()
+        return utf8("".join(dumps(event_dict(event)) + "\n" for event in batch))
 
     def heartbeat(self) -> bytes:
         # An empty line: NDJSON readers skip blank lines.

@@ -136,6 +136,11 @@ async def test_deeply_nested_json_is_a_client_error(server: ServerProcess) -> No
     [
         BadRequest("too-large", 413, "payload_too_large", body=b"x" * (2 * MiB)),
         BadRequest("wrong-key", 401, "unauthorized", body=b"x" * (2 * MiB), headers=auth("no")),
+        # Routing refuses these before anything reads the body.
+        BadRequest("unknown-path", 404, "not_found", body=b"x" * 100_000, path="/v1/nothing"),
+        BadRequest(
+            "unknown-run", 404, "run_not_found", body=b"x" * 100_000, path="/v1/runs/x/cancel"
+        ),
     ],
     ids=lambda case: case.name,
 )
@@ -145,7 +150,7 @@ async def test_client_reusing_its_connection_after_an_unread_body_is_answered(
     """The server answers these before reading the body; it closes the
     connection, so the client's next request goes on a fresh one instead of
     hanging behind the unread bytes."""
-    refused = await client.post(CHAT_PATH, content=first.body, headers=first.headers)
+    refused = await client.post(first.path, content=first.body, headers=first.headers)
     assert refused.status_code == first.status
     assert refused.json()["error"]["code"] == first.code
     assert refused.headers["Connection"] == "close"
