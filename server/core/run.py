@@ -348,9 +348,10 @@ class Run:
         when it closes (or as soon as ``coalesce_max_chars`` are buffered),
         and a new window opens. A window that closes with nothing buffered
         simply ends. The window's timer is this pump's own receive deadline
-        (set only while something is buffered), so it cannot outlive the run. Whatever is buffered when the pump
-        stops is flushed by :meth:`_end`, before ``run.message`` and the
-        terminal event; a delta still in the channel then is never received.
+        (set only while something is buffered), so it cannot outlive the
+        run. Whatever is buffered when the pump stops is flushed by
+        :meth:`_end`, before ``run.message`` and the terminal event; a delta
+        still in the channel then is never received.
         """
         # Until window_end, deltas are buffered; the first delta after it is
         # published at once and opens the next window. Only a window with
