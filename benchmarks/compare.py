@@ -61,8 +61,9 @@ from tests.fakes import FakeUpstream, open_fake_upstream
 
 AUTH = {"Authorization": "Bearer devkey"}
 CHAT = "/v1/chat/completions"
-# Wall seconds py-spy samples the server during the largest throughput K
-# (the answers take 2 s at 50 tokens/s; the K=1000 batch longer).
+# Wall seconds py-spy samples the server during the largest throughput K,
+# from the moment half the streams answer (one answer takes 2 s at 50
+# tokens/s; the K=1000 batch longer).
 PROFILE_SECONDS = 3.0
 TOKEN = re.compile(rb"tok\d")  # the fake upstreams' token text
 
@@ -474,8 +475,16 @@ async def throughput(ctx: Context) -> dict[str, Any]:
         started = trio.current_time()
         profile: dict[str, Any] | None = None
 
-        async def sample_cpu(raw_path: Path) -> None:
+        async def sample_cpu(raw_path: Path, streams: list[Stream] = streams) -> None:
             nonlocal profile
+            # Steady state: once half the streams are answering (connection
+            # setup would otherwise dominate the samples at K=1000).
+            with trio.move_on_after(settings.throughput_timeout) as waiting:
+                while 2 * sum(s.first_content_at is not None for s in streams) < len(streams):  # noqa: ASYNC110
+                    await trio.sleep(0.05)
+            if waiting.cancelled_caught:
+                profile = {"error": "fewer than half the streams answered"}
+                return
             problem = await _profile.record(pid, PROFILE_SECONDS, raw_path)
             profile = {"error": problem} if problem else _profile.summarize(raw_path)
             profile["raw"] = str(raw_path)
