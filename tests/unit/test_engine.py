@@ -4,7 +4,6 @@ HTTP, no real sleeps."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -41,13 +40,6 @@ async def open_manager(
     )
     started: SessionManager = await nursery.start(manager.serve)
     return started
-
-
-@pytest.fixture
-async def nursery() -> AsyncIterator[trio.Nursery]:
-    async with trio.open_nursery() as nursery:
-        yield nursery
-        nursery.cancel_scope.cancel()
 
 
 async def test_supersede_waits_for_previous_cleanup(

@@ -50,13 +50,6 @@ async def open_manager(nursery: trio.Nursery, agent: Agent, **config: float) -> 
     return started
 
 
-@pytest.fixture
-async def nursery() -> AsyncIterator[trio.Nursery]:
-    async with trio.open_nursery() as nursery:
-        yield nursery
-        nursery.cancel_scope.cancel()
-
-
 def slow_agent(words: int = 10) -> ScriptedAgent:
     return ScriptedAgent(token_delay=1.0, reply_words=words)
 
