@@ -279,10 +279,14 @@ class Run:
                     async with trio.open_nursery() as nursery:
                         send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
                         nursery.start_soon(self._drive_agent, send_channel)
-                        await self._pump(receive_channel)
-                        if self.error is not None:
-                            # The pump refused the agent's output: stop the agent.
-                            nursery.cancel_scope.cancel()
+                        # Closed only after the agent was cancelled: a send
+                        # that found it closed first would fail the agent
+                        # (BrokenResourceError) over the pump's own error.
+                        with receive_channel:
+                            await self._pump(receive_channel)
+                            if self.error is not None:
+                                # The pump refused the agent's output: stop the agent.
+                                nursery.cancel_scope.cancel()
                     # The agent has returned: from here on a cancel is too late
                     # and the run completes.
                     self._producing = False
@@ -334,10 +338,11 @@ class Run:
                 await self.agent.run(self.request, send_channel)
             except AgentError as exc:
                 logger.warning("run %s: agent error %s", self.run_id, exc.code)
-                self.error = ErrorInfo(code=exc.code, message=exc.message)
+                self.error = self.error or ErrorInfo(code=exc.code, message=exc.message)
             except Exception:
                 logger.exception("run %s: agent raised", self.run_id)
-                self.error = AGENT_ERROR
+                # The pump's refusal (run_too_large, a bad output) is the cause.
+                self.error = self.error or AGENT_ERROR
 
     async def _pump(self, receive_channel: trio.MemoryReceiveChannel[AgentOutput]) -> None:
         """Number the agent's output into the log, coalescing deltas.
@@ -358,64 +363,64 @@ class Run:
         # something buffered needs a timer: a model streaming slower than
         # the window costs no timer per token.
         window_end = -math.inf
-        async with receive_channel:
-            while True:
-                if self._buffered:
-                    with trio.move_on_at(window_end) as window:
-                        try:
-                            output = await receive_channel.receive()
-                        except trio.EndOfChannel:
-                            return
-                    if window.cancelled_caught:
-                        if not self._room_for_delta():
-                            return
-                        self._flush_buffer()
-                        window_end = self._window_from_now()
-                        continue
-                else:
+        while True:
+            if self._buffered:
+                with trio.move_on_at(window_end) as window:
                     try:
                         output = await receive_channel.receive()
                     except trio.EndOfChannel:
                         return
-                match output:
-                    case TextDelta(text=text) if text:
-                        if not self._take_bytes(text):
+                if window.cancelled_caught:
+                    if not self._room_for_delta():
+                        return
+                    self._flush_buffer()
+                    window_end = self._window_from_now()
+                    continue
+            else:
+                try:
+                    output = await receive_channel.receive()
+                except trio.EndOfChannel:
+                    return
+            match output:
+                case TextDelta(text=text) if text:
+                    if not self._take_bytes(text):
+                        return
+                    if not self._buffered and trio.current_time() >= window_end:
+                        if not self._room_for_delta():
                             return
                         self._deltas.append(text)
-                        if not self._buffered and trio.current_time() >= window_end:
+                        self._publish_delta(text)
+                        window_end = self._window_from_now()
+                    else:
+                        self._deltas.append(text)
+                        self._buffered.append(text)
+                        self._buffered_chars += len(text)
+                        if self._buffered_chars >= self.coalesce_max_chars:
                             if not self._room_for_delta():
                                 return
-                            self._publish_delta(text)
+                            self._flush_buffer()
                             window_end = self._window_from_now()
-                        else:
-                            self._buffered.append(text)
-                            self._buffered_chars += len(text)
-                            if self._buffered_chars >= self.coalesce_max_chars:
-                                if not self._room_for_delta():
-                                    return
-                                self._flush_buffer()
-                                window_end = self._window_from_now()
-                    case FullMessage(text=text):
-                        if len(text.encode()) > self.max_bytes:
-                            self._too_large()
-                            return
-                        self._message = text
-                    case UsageReport(usage=usage):
-                        self.usage = usage
-                    case StopReason(reason=reason):
-                        self.finish_reason = reason
-                    case TextDelta():
-                        pass  # empty
-                    case _:
-                        # Not something an agent may send: end the run failed
-                        # (the agent's next send then finds the channel closed).
-                        logger.warning("run %s: agent sent %r", self.run_id, type(output))
-                        self.error = AGENT_ERROR
+                case FullMessage(text=text):
+                    if utf8_size(text) > self.max_bytes:
+                        self._too_large()
                         return
+                    self._message = text
+                case UsageReport(usage=usage):
+                    self.usage = usage
+                case StopReason(reason=reason):
+                    self.finish_reason = reason
+                case TextDelta():
+                    pass  # empty
+                case _:
+                    # Not something an agent may send: end the run failed
+                    # (the agent's next send then finds the channel closed).
+                    logger.warning("run %s: agent sent %r", self.run_id, type(output))
+                    self.error = AGENT_ERROR
+                    return
 
     def _take_bytes(self, text: str) -> bool:
         """Count a delta against ``max_bytes``; False (run failed) if over."""
-        self._text_bytes += len(text.encode())
+        self._text_bytes += utf8_size(text)
         if self._text_bytes > self.max_bytes:
             self._too_large()
             return False
@@ -507,3 +512,9 @@ class Run:
 
     def _envelope(self) -> _Envelope:
         return {"run_id": self.run_id, "session_id": self.session_id, "seq": len(self.log)}
+
+
+def utf8_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8; an agent's lone surrogate (which the
+    encoders replace) counts as the 3 bytes it would take."""
+    return len(text.encode("utf-8", "surrogatepass"))

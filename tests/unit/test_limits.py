@@ -26,6 +26,7 @@ from server.core.agent import Agent
 from server.core.events import (
     AgentOutput,
     FullMessage,
+    RunDelta,
     RunFailed,
     RunInterrupted,
     RunStatus,
@@ -278,21 +279,25 @@ class FloodAgent:
 
 
 @pytest.mark.parametrize(
-    ("limit", "prompt"),
+    ("limit", "prompt", "delay"),
     [
-        ({"max_run_bytes": 1000}, "deltas"),
-        ({"max_run_events": 10, "coalesce_window": 0}, "deltas"),
-        ({"max_run_bytes": 5000}, "with message"),
+        ({"max_run_bytes": 1000}, "deltas", 0.1),
+        ({"max_run_events": 10, "coalesce_window": 0}, "deltas", 0.1),
+        ({"max_run_bytes": 5000}, "with message", 0.1),
+        # An agent that never pauses is blocked in send when the pump refuses.
+        ({"max_run_bytes": 1000}, "deltas", 0),
+        ({"max_run_events": 10, "coalesce_window": 0}, "deltas", 0),
     ],
-    ids=["bytes", "events", "full-message"],
+    ids=["bytes", "events", "full-message", "bytes-fast-agent", "events-fast-agent"],
 )
 async def test_a_run_past_its_log_limit_fails_with_run_too_large(
     nursery: trio.Nursery,
     autojump_clock: trio.testing.MockClock,
     limit: dict[str, float],
     prompt: str,
+    delay: float,
 ) -> None:
-    agent = FloodAgent(count=30 if prompt == "with message" else 1000, size=100)
+    agent = FloodAgent(count=30 if prompt == "with message" else 1000, size=100, delay=delay)
     manager = await open_manager(nursery, agent, **limit)
     run = await manager.submit(ALICE, "s1", ask(prompt))
     await run.wait_ended()
@@ -306,6 +311,8 @@ async def test_a_run_past_its_log_limit_fails_with_run_too_large(
     assert len(events) <= limit.get("max_run_events", 100_000)
     published = sum(len(getattr(event, "text", "")) for event in events)
     assert published <= limit.get("max_run_bytes", 8 * 1024 * 1024)
+    if prompt == "deltas":  # the answer on record is what was published
+        assert run.text == "".join(e.text for e in events if isinstance(e, RunDelta))
     # The session is unharmed.
     after = await manager.submit(ALICE, "s1", ask("short"))
     await after.wait_ended()
@@ -472,3 +479,21 @@ def test_a_limit_out_of_range_is_a_usage_error(
         parse_settings(argv, environ={})
     assert exit_info.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+class SurrogateAgent:
+    async def run(
+        self, request: AgentRequest, send_channel: trio.MemorySendChannel[AgentOutput]
+    ) -> None:
+        await send_channel.send(TextDelta("a\ud800b"))
+        await send_channel.send(FullMessage("a\ud800b"))
+
+
+async def test_a_lone_surrogate_from_an_agent_is_counted_not_a_failure(
+    nursery: trio.Nursery,
+) -> None:
+    # Upstream models can emit them; the encoders replace them with U+FFFD.
+    manager = await open_manager(nursery, SurrogateAgent(), max_run_bytes=1000)
+    run = await manager.submit(ALICE, "s1", ask("hi"))
+    await run.wait_ended()
+    assert run.status is RunStatus.COMPLETED, run.terminal
