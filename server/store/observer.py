@@ -130,7 +130,9 @@ class StoreObserver:
                 await self.store.insert_started(write.start)
                 write.start = None  # done: a retry must not insert it twice
             await self._finish(write)
-        except StoreWriteError:
+        except Exception:
+            # Any failure counts towards giving up (only a cancel before
+            # the write's turn does not), so nothing is retried forever.
             write.attempts += 1
             raise
 
@@ -173,7 +175,9 @@ class StoreObserver:
             write = self._unfinished.pop(next(iter(self._unfinished)))
             try:
                 await self._write(write)
-            except StoreWriteError:
+            except Exception as exc:
+                # Not this run's write: its failure stays with its own run.
+                logger.warning("run %s: terminal status still not recorded: %r", write.run_id, exc)
                 self._keep(write)
                 return
             except BaseException:

@@ -167,3 +167,28 @@ async def test_a_write_cancelled_before_its_turn_is_not_an_attempt(tmp_path: Pat
         await observer.flush()
         record = await store.get(run.run_id)
         assert record is not None and record.status is RunStatus.COMPLETED
+
+
+async def test_a_write_failing_unexpectedly_is_given_up_and_blames_no_other_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with open_sqlite_store(tmp_path) as store:
+        observer = StoreObserver(store)
+        broken = make_run(observer)
+        healthy = [make_run(observer) for _ in range(TERMINAL_WRITE_ATTEMPTS)]
+        for run in (broken, *healthy):
+            await store.insert_started(running_record(run.run_id))
+        finish = SqliteRunStore.finish
+
+        async def finish_or_fail(self: SqliteRunStore, run_id: str, **fields: object) -> None:
+            if run_id == broken.run_id:
+                raise ValueError("not a StoreWriteError")
+            await finish(self, run_id, **fields)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(SqliteRunStore, "finish", finish_or_fail)
+        with pytest.raises(ValueError):
+            await observer.run_ended(broken, RunStatus.COMPLETED)
+        # Each later run end retries it; the failure stays with its own run.
+        for run in healthy:
+            await observer.run_ended(run, RunStatus.COMPLETED)
+        assert observer.unfinished == 0  # given up, not retried forever
