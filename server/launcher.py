@@ -64,10 +64,14 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
 def listening_sockets(config: HypercornConfig, settings: Settings) -> Sockets:
     """Hypercorn's sockets for ``config``, listening, with the send timeout."""
     sockets = config.create_sockets()
+    # Linux only; elsewhere a reader that reads nothing is bounded only by the
+    # kernel's own retransmission limits.
+    user_timeout = getattr(socket, "TCP_USER_TIMEOUT", None)
     for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
-        if settings.send_timeout and sock.family in (socket.AF_INET, socket.AF_INET6):
+        tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        if settings.send_timeout and tcp and user_timeout is not None:
             timeout_ms = max(1, round(settings.send_timeout * 1000))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, timeout_ms)
+            sock.setsockopt(socket.IPPROTO_TCP, user_timeout, timeout_ms)
         sock.listen(config.backlog)
     return sockets
 

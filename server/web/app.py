@@ -41,8 +41,8 @@ NDJSON = "application/x-ndjson"
 
 def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     # An explicit root path: Flask cannot derive one for a package found
-    # through an editable install's import hook. No static files: an API has
-    # no /static route.
+    # through an editable install's import hook; it also roots the static
+    # route (/static/<file>) that serves the chat page's assets (page.py).
     app = QuartTrio(__name__, root_path=str(Path(__file__).parent))
     app.asgi_http_class = StreamingHTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
