@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import trio
-from quart import Response, jsonify, request
+from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 
 from ..agents import build_agent
@@ -126,9 +126,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
     async def chat_completions() -> Response:
         principal = state.keyring.authenticate(request.headers.get("Authorization"))
         session_id = parse_session_id(request.headers.get("X-Session-Id"))
-        chat = parse_chat_request(
-            await request.get_data(cache=False, as_text=False, parse_form_data=False)
-        )
+        body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+        g.body_read = True  # an error from here on may keep the connection
+        chat = parse_chat_request(body)
         agent_request = chat.agent_request(
             max_chars=settings.max_prompt_chars, max_messages=settings.max_messages
         )

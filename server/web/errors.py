@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 
-from quart import Quart, Response, jsonify, request
+from quart import Quart, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
 from ..core.limits import LimitExceeded
@@ -123,9 +123,10 @@ def install_error_handlers(app: Quart) -> None:
         # An error answered before the request's body was read leaves that
         # body on a kept-alive connection, and the next request on it could
         # hang behind it (seen under load for 400s, 404s and 405s with a
-        # body). Whether the body was read is not public in Quart, so every
-        # error to a request that carried one closes its connection.
-        if response.status_code >= 400 and _carries_body():
+        # body). Quart does not say whether a body was read, so the routes
+        # that read one say so (g.body_read); any other error to a request
+        # that carried a body closes its connection.
+        if response.status_code >= 400 and _carries_body() and not g.get("body_read"):
             response.headers.update(CLOSE_CONNECTION)
         return response
 

@@ -156,3 +156,13 @@ async def test_client_reusing_its_connection_after_an_unread_body_is_answered(
     assert refused.headers["Connection"] == "close"
     again = await client.post(CHAT_PATH, json={"prompt": "hi"}, headers=auth())
     assert again.status_code == 200
+
+
+async def test_an_error_after_the_body_was_read_keeps_the_connection(
+    client: httpx2.AsyncClient,
+) -> None:
+    refused = await client.post(CHAT_PATH, content=b"{not json", headers=auth())
+    assert refused.status_code == 400
+    assert refused.headers.get("Connection") != "close"
+    again = await client.post(CHAT_PATH, json={"prompt": "hi"}, headers=auth())
+    assert again.status_code == 200
