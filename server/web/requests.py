@@ -19,6 +19,7 @@ import cattrs.cols
 import cattrs.gen
 
 from ..core.agent import AgentRequest, ChatTurn
+from ..wire.sse import LONE_SURROGATE
 from .errors import CLOSE_CONNECTION, ApiError
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -174,8 +175,8 @@ _converter.register_structure_hook(str | list[TextPart] | None, _content)
 
 # A surrogate code point in a decoded ``str`` is a lone one (JSON's
 # ``"\ud800"`` escape): no UTF-8 can carry it, so the agent, the run store and
-# the wire encoders would each fail on it.
-_SURROGATE = re.compile("[\ud800-\udfff]")
+# the wire encoders would each fail on it (LONE_SURROGATE, shared with the
+# encoders).
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -183,7 +184,7 @@ def _has_lone_surrogate(value: Any) -> bool:
     while pending:
         item = pending.pop()
         if isinstance(item, str):
-            if _SURROGATE.search(item):
+            if LONE_SURROGATE.search(item):
                 return True
         elif isinstance(item, dict):
             pending.extend(item.keys())

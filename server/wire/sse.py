@@ -13,7 +13,7 @@ SSE_HEARTBEAT = b": ping\n\n"
 _LINE_BREAK = re.compile("\r\n|\r|\n")
 # A surrogate code point in a ``str`` is an unpaired one, which UTF-8 cannot
 # carry; an agent's text may still hold one (an upstream's "\ud800" escape).
-_SURROGATE = re.compile("[\ud800-\udfff]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def utf8(text: str) -> bytes:
@@ -22,7 +22,7 @@ def utf8(text: str) -> bytes:
     try:
         return text.encode()
     except UnicodeEncodeError:
-        return _SURROGATE.sub("\ufffd", text).encode()
+        return LONE_SURROGATE.sub("\ufffd", text).encode()
 
 
 def sse_event(data: str, *, event_id: str | None = None, event: str | None = None) -> bytes:
