@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import attrs
+import trio
 from quart_trio import QuartTrio
 
 from ..core.agent import Agent
@@ -12,6 +13,7 @@ from ..store import Retention, SqliteRunStore
 from .auth import KeyRing
 from .errors import ApiError
 from .metrics import Metrics
+from .requests import parse_limiter
 
 
 @attrs.define(eq=False)
@@ -23,6 +25,8 @@ class AppState:
     store: SqliteRunStore | None = None
     retention: Retention | None = None
     metrics: Metrics = attrs.field(factory=Metrics)
+    # Bounds the worker threads that parse large request bodies.
+    parse_limiter: trio.CapacityLimiter = attrs.field(factory=parse_limiter)
 
     def running_manager(self) -> SessionManager:
         if self.manager is None:
