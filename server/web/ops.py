@@ -22,6 +22,7 @@ from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from ..core.run import Run
+from .auth import bearer_token
 from .errors import ApiError
 
 if TYPE_CHECKING:
@@ -92,9 +93,14 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
         admin_key = state.settings.admin_key
         if not admin_key:
             raise ApiError(404, "not_found", "No such resource.")
-        _, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if not hmac.compare_digest(presented.strip().encode(), admin_key.encode()):
-            raise ApiError(401, "unauthorized", "This endpoint needs the admin key.")
+        presented = bearer_token(request.headers.get("Authorization"))
+        if presented is None or not hmac.compare_digest(presented.encode(), admin_key.encode()):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "This endpoint needs 'Authorization: Bearer <admin key>'.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         root = trio.lowlevel.current_root_task()
         assert root is not None  # we are inside the trio run
         tree = task_tree(root)
