@@ -121,8 +121,14 @@ _CHAT_COMPLETIONS = {
             "401": _UNAUTHORIZED,
             "408": _error("`request_timeout`: the request body did not arrive in time."),
             "409": _error("`run_in_progress`: `on_conflict: reject` while the session is busy."),
-            "413": _error("`payload_too_large`: body over `--max-body-bytes`."),
-            "422": _error("`invalid_request` (wrong shape) or `missing_prompt`."),
+            "413": _error(
+                "`payload_too_large` (body over `--max-body-bytes`), `prompt_too_large`,"
+                " `too_many_messages` or `too_many_values`."
+            ),
+            "422": _error(
+                "`invalid_request` (wrong shape; the first five problems named) or"
+                " `missing_prompt`."
+            ),
             "429": _error(
                 "`queue_full`: `on_conflict: enqueue` with the line full.", retry_after=True
             ),
