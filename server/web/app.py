@@ -31,7 +31,7 @@ from .metrics import MeteredObserver, install_metrics_route
 from .openapi import install_openapi_route
 from .ops import install_ops_routes
 from .page import install_page
-from .requests import ChatRequest, check_head_size, parse_chat_request, parse_session_id
+from .requests import ChatRequest, check_head_size, parse_session_id, read_chat_request
 from .runs import install_run_routes
 from .state import AppState
 from .streaming import RunStream, streaming_response, wait_for_end
@@ -128,7 +128,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         session_id = parse_session_id(request.headers.get("X-Session-Id"))
         body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
         g.body_read = True  # an error from here on may keep the connection
-        chat = parse_chat_request(body)
+        chat = await read_chat_request(
+            body, max_messages=settings.max_messages, limiter=state.parse_limiter
+        )
         agent_request = chat.agent_request(
             max_chars=settings.max_prompt_chars, max_messages=settings.max_messages
         )

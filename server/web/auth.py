@@ -16,6 +16,16 @@ from .errors import CLOSE_CONNECTION, ApiError
 CHALLENGE = {"WWW-Authenticate": "Bearer", **CLOSE_CONNECTION}
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header (the scheme
+    in any case), or ``None`` for no header, another scheme or no token."""
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
 def principal_of(key: str) -> str:
     return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
@@ -26,9 +36,8 @@ class KeyRing:
 
     def authenticate(self, authorization: str | None) -> str:
         """The principal for an ``Authorization`` header, or 401."""
-        scheme, _, presented = (authorization or "").partition(" ")
-        presented = presented.strip()
-        if scheme.lower() != "bearer" or not presented:
+        presented = bearer_token(authorization)
+        if presented is None:
             raise ApiError(
                 401, "unauthorized", "Send 'Authorization: Bearer <api key>'.", headers=CHALLENGE
             )

@@ -23,8 +23,8 @@ Keep it off the public internet at the proxy (see docs/operations.md).
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import attrs
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
@@ -34,13 +34,9 @@ from prometheus_client.registry import Collector
 from quart import Response
 from quart_trio import QuartTrio
 
-from ..agents.blocking import ThreadAccounting, abandoned_threads
 from ..core.events import RunStatus
 from ..core.run import Run, RunObserver
-from .ops import count_live_tasks
-
-if TYPE_CHECKING:
-    from .state import AppState
+from .tasktree import count_live_tasks
 
 PREFIX = "stream_server"
 # Supersede waits are cleanup times: milliseconds normally, up to the
@@ -178,45 +174,50 @@ class StreamCollector(Collector):
         )
 
 
+@attrs.frozen(kw_only=True)
+class EngineGauges:
+    """What the engine and the process report when scraped."""
+
+    sessions: int
+    runs: int
+    draining: bool
+    store_write_failures: int
+    abandoned_threads: int
+
+
+class MetricsSource(Protocol):
+    """What ``GET /metrics`` reads: the app's counters, and the engine's
+    gauges when scraped (:class:`~server.web.state.AppState` is one)."""
+
+    metrics: Metrics
+
+    def engine_gauges(self) -> EngineGauges: ...
+
+
 @attrs.define(eq=False)
 class EngineCollector(Collector):
     """Values read from the engine and the process when scraped (in the trio
     thread: the scrape is a request handler)."""
 
-    state: AppState
+    gauges: Callable[[], EngineGauges]
 
     def collect(self) -> Iterator[Metric]:
-        manager = self.state.manager
-        sessions = 0 if manager is None else len(manager.sessions)
-        runs = 0 if manager is None else len(manager.live_runs.runs)
-        draining = manager is not None and manager.draining
-        yield _gauge("sessions_active", "Sessions in the session table.", sessions)
-        yield _gauge("runs_active", "Runs producing or cleaning up.", runs)
-        yield _gauge("draining", "1 while shutting down (not admitting runs).", int(draining))
+        engine = self.gauges()
+        yield _gauge("sessions_active", "Sessions in the session table.", engine.sessions)
+        yield _gauge("runs_active", "Runs producing or cleaning up.", engine.runs)
+        yield _gauge(
+            "draining", "1 while shutting down (not admitting runs).", int(engine.draining)
+        )
         yield _gauge("trio_tasks", "Live trio tasks (the whole task tree).", count_live_tasks())
         yield _gauge("threads", "Live Python threads.", threading.active_count())
         yield _counter(
             "abandoned_threads",
             "Worker threads the blocking adapter gave up waiting for.",
-            self._abandoned_threads(),
+            engine.abandoned_threads,
         )
-        store = self.state.store
         yield _counter(
-            "store_write_failures",
-            "Run store writes that failed.",
-            0 if store is None else store.write_failures,
+            "store_write_failures", "Run store writes that failed.", engine.store_write_failures
         )
-
-    def _abandoned_threads(self) -> int:
-        # The adapter's default accounting is process-wide; an agent may
-        # bring its own.
-        own = getattr(self.state.agent, "accounting", None)
-        extra = (
-            own.abandoned
-            if isinstance(own, ThreadAccounting) and own is not abandoned_threads
-            else 0
-        )
-        return abandoned_threads.abandoned + extra
 
 
 def _gauge(name: str, documentation: str, value: float) -> GaugeMetricFamily:
@@ -227,9 +228,9 @@ def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily
     return CounterMetricFamily(f"{PREFIX}_{name}", documentation, value=value)
 
 
-def install_metrics_route(app: QuartTrio, state: AppState) -> None:
-    state.metrics.registry.register(EngineCollector(state))
+def install_metrics_route(app: QuartTrio, source: MetricsSource) -> None:
+    source.metrics.registry.register(EngineCollector(source.engine_gauges))
 
     @app.get("/metrics")
     async def metrics() -> Response:  # noqa: ASYNC124
-        return Response(state.metrics.exposition(), content_type=CONTENT_TYPE_PLAIN_0_0_4)
+        return Response(source.metrics.exposition(), content_type=CONTENT_TYPE_PLAIN_0_0_4)

@@ -6,6 +6,9 @@ from, so that it is a statement to check the code against:
 tests/unit/test_openapi.py holds it to the app's routes and to the request
 parser, and tests/fuzz/test_http_fuzz.py sends schemathesis-generated
 requests built from it to a real server.
+
+The components (schemas) are in :mod:`server.web.openapi_schemas`; this
+module holds the routes and assembles the document.
 """
 
 from __future__ import annotations
@@ -17,39 +20,21 @@ from quart import Response, jsonify
 from quart_trio import QuartTrio
 
 from .. import __version__
-
-JSON = "application/json"
-SSE = "text/event-stream"
-NDJSON = "application/x-ndjson"
-
-_EVENT_TYPES = (
-    "run.started",
-    "run.delta",
-    "run.message",
-    "run.completed",
-    "run.cancelled",
-    "run.interrupted",
-    "run.failed",
+from .openapi_schemas import (
+    EVENT_TYPES,
+    JSON,
+    NDJSON,
+    NO_AUTH,
+    SCHEMAS,
+    SESSION_ID,
+    SSE,
+    json_content,
+    ref,
 )
-_CANCEL_REASONS = ("superseded", "client_stop", "client_disconnect", "shutdown", "deadline")
-_SESSION_ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}
-_NO_AUTH: list[dict[str, list[str]]] = []
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"anyOf": [schema, {"type": "null"}]}
-
-
-def _json(schema: dict[str, Any]) -> dict[str, Any]:
-    return {JSON: {"schema": schema}}
 
 
 def _error(description: str, *, retry_after: bool = False) -> dict[str, Any]:
-    response: dict[str, Any] = {"description": description, "content": _json(_ref("Error"))}
+    response: dict[str, Any] = {"description": description, "content": json_content(ref("Error"))}
     if retry_after:
         response["headers"] = {
             "Retry-After": {
@@ -73,7 +58,7 @@ _RUN_HEADERS = {
 }
 
 # One native event per line (no OpenAPI 3.1 keyword says "per line").
-_NDJSON_EVENTS = {"schema": {"type": "string"}, "x-item-schema": _ref("NativeEvent")}
+_NDJSON_EVENTS = {"schema": {"type": "string"}, "x-item-schema": ref("NativeEvent")}
 
 _RUN_ID = {
     "name": "run_id",
@@ -81,247 +66,6 @@ _RUN_ID = {
     "required": True,
     "schema": {"type": "string", "minLength": 1},
 }
-
-_SCHEMAS: dict[str, Any] = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "additionalProperties": False,
-        "properties": {
-            "error": {
-                "type": "object",
-                "required": ["code", "message"],
-                "additionalProperties": False,
-                "properties": {
-                    "code": {"type": "string", "minLength": 1},
-                    "message": {"type": "string", "minLength": 1},
-                },
-            }
-        },
-    },
-    "TextPart": {
-        "type": "object",
-        "required": ["type"],
-        "properties": {
-            "type": {"type": "string", "description": "Only `text` parts are read."},
-            "text": {"type": "string"},
-        },
-    },
-    "ChatMessage": {
-        "type": "object",
-        "required": ["role"],
-        "properties": {
-            "role": {"type": "string"},
-            "content": {
-                "anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": _ref("TextPart")},
-                    {"type": "null"},
-                ]
-            },
-        },
-    },
-    "StreamOptions": {
-        "type": "object",
-        "properties": {"include_usage": {"type": "boolean"}},
-    },
-    "ChatRequest": {
-        "type": "object",
-        "description": (
-            "OpenAI Chat Completions compatible. The prompt is `prompt`, else the last"
-            " `user` message; a request with neither (or a blank one) is a 422"
-            " `missing_prompt`. Unknown fields are ignored."
-        ),
-        "properties": {
-            "messages": _nullable({"type": "array", "items": _ref("ChatMessage")}),
-            "prompt": _nullable({"type": "string"}),
-            "model": _nullable({"type": "string"}),
-            "stream": {"type": "boolean", "default": False},
-            "stream_options": _nullable(_ref("StreamOptions")),
-            "stream_format": {"enum": ["openai", "events", None]},
-            "on_disconnect": {"enum": ["cancel", "continue"], "default": "cancel"},
-            "on_conflict": {
-                "enum": ["interrupt", "reject", "enqueue", "rollback"],
-                "default": "interrupt",
-            },
-        },
-    },
-    "Usage": {
-        "type": "object",
-        "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-        "properties": {
-            "prompt_tokens": {"type": "integer", "minimum": 0},
-            "completion_tokens": {"type": "integer", "minimum": 0},
-            "total_tokens": {"type": "integer", "minimum": 0},
-        },
-    },
-    "ChatCompletion": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "message", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "message": {
-                            "type": "object",
-                            "required": ["role", "content"],
-                            "properties": {
-                                "role": {"const": "assistant"},
-                                "content": {"type": "string"},
-                            },
-                        },
-                        "finish_reason": {"type": "string"},
-                    },
-                },
-            },
-            "usage": _ref("Usage"),
-            "cancel_reason": {"type": "string"},
-        },
-    },
-    "RunError": {
-        "type": "object",
-        "required": ["code", "message"],
-        "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-    },
-    "NativeEvent": {
-        "type": "object",
-        "description": (
-            "A native typed event. `seq` is 0, 1, 2, ... without gaps; exactly one"
-            " terminal event (`run.completed`, `run.cancelled`, `run.interrupted`,"
-            " `run.failed`) ends a run."
-        ),
-        "required": ["type", "run_id", "session_id", "seq"],
-        "properties": {
-            "type": {"enum": list(_EVENT_TYPES)},
-            "run_id": {"type": "string"},
-            "session_id": {"type": "string"},
-            "seq": {"type": "integer", "minimum": 0},
-            "text": {"type": "string"},
-            "usage": _nullable(_ref("Usage")),
-            "finish_reason": {"type": "string"},
-            "reason": {"enum": list(_CANCEL_REASONS)},
-            "error": _ref("RunError"),
-            "error_details": _ref("RunError"),
-        },
-    },
-    "NativeSseEvent": {
-        "type": "object",
-        "description": "A native event over SSE: `id: <run_id>:<seq>`, `event: <type>`.",
-        "required": ["id", "event", "data"],
-        "properties": {
-            "id": {"type": "string", "pattern": "^.+:[0-9]+$"},
-            "event": {"enum": list(_EVENT_TYPES)},
-            "data": {
-                "type": "string",
-                "contentMediaType": JSON,
-                "contentSchema": _ref("NativeEvent"),
-            },
-        },
-    },
-    "ChatCompletionChunk": {
-        "type": "object",
-        "required": ["id", "object", "created", "model", "choices"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion.chunk"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "required": ["index", "delta", "finish_reason"],
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "delta": {
-                            "type": "object",
-                            "properties": {
-                                "role": {"const": "assistant"},
-                                "content": {"type": "string"},
-                            },
-                        },
-                        "finish_reason": _nullable({"type": "string"}),
-                    },
-                },
-            },
-            "usage": _ref("Usage"),
-            "cancel_reason": {"enum": list(_CANCEL_REASONS)},
-            "error": _ref("RunError"),
-        },
-    },
-    "ChunkSseEvent": {
-        "type": "object",
-        "description": "An OpenAI chunk over SSE; the last event's data is `[DONE]`.",
-        "required": ["data"],
-        "if": {"properties": {"data": {"const": "[DONE]"}}},
-        "else": {
-            "properties": {
-                "data": {
-                    "type": "string",
-                    "contentMediaType": JSON,
-                    "contentSchema": _ref("ChatCompletionChunk"),
-                }
-            }
-        },
-    },
-    "Run": {
-        "type": "object",
-        "required": ["id", "object", "session_id", "status", "text", "created_at"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "run"},
-            "session_id": {"type": "string"},
-            "status": {"enum": ["running", "completed", "cancelled", "interrupted", "failed"]},
-            "cancel_reason": _nullable({"type": "string"}),
-            "finish_reason": _nullable({"type": "string"}),
-            "text": {"type": "string"},
-            "usage": _nullable(_ref("Usage")),
-            "error": _nullable(_ref("RunError")),
-            "events": _nullable({"type": "integer", "minimum": 0}),
-            "created_at": {"type": "number"},
-            "finished_at": _nullable({"type": "number"}),
-        },
-    },
-    "Session": {
-        "type": "object",
-        "required": ["id", "object", "current_run", "recent_runs"],
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "session"},
-            "current_run": {
-                "type": "object",
-                "required": ["id", "status"],
-                "properties": {"id": {"type": "string"}, "status": {"type": "string"}},
-            },
-            "recent_runs": {"type": "array", "items": _ref("Run")},
-        },
-    },
-    "Status": {
-        "type": "object",
-        "required": ["status"],
-        "properties": {"status": {"type": "string"}},
-    },
-    "TaskTree": {
-        "type": "object",
-        "required": ["tasks", "threads", "live_runs", "sessions", "task_tree"],
-        "properties": {
-            "tasks": {"type": "integer"},
-            "threads": {"type": "integer"},
-            "live_runs": {"type": "integer"},
-            "sessions": {"type": "array", "items": {"type": "object"}},
-            "task_tree": {"type": "object"},
-        },
-    },
-}
-
 
 _CHAT_COMPLETIONS = {
     "post": {
@@ -341,7 +85,7 @@ _CHAT_COMPLETIONS = {
                 "in": "header",
                 "required": False,
                 "description": "The session; without it the request is a session of its own.",
-                "schema": _SESSION_ID,
+                "schema": SESSION_ID,
             },
             {
                 "name": "X-Stream-Format",
@@ -351,23 +95,23 @@ _CHAT_COMPLETIONS = {
                 "schema": {"type": "string"},
             },
         ],
-        "requestBody": {"required": True, "content": _json(_ref("ChatRequest"))},
+        "requestBody": {"required": True, "content": json_content(ref("ChatRequest"))},
         "responses": {
             "200": {
                 "description": "The answer: one `chat.completion`, or a stream.",
                 "headers": _RUN_HEADERS,
                 "content": {
-                    JSON: {"schema": _ref("ChatCompletion")},
+                    JSON: {"schema": ref("ChatCompletion")},
                     # OpenAPI 3.1: an event stream's schema describes one event.
                     SSE: {
                         "schema": {
                             # SSE parsers name an event without `event:` "message".
                             "if": {
                                 "required": ["event"],
-                                "properties": {"event": {"enum": list(_EVENT_TYPES)}},
+                                "properties": {"event": {"enum": list(EVENT_TYPES)}},
                             },
-                            "then": _ref("NativeSseEvent"),
-                            "else": _ref("ChunkSseEvent"),
+                            "then": ref("NativeSseEvent"),
+                            "else": ref("ChunkSseEvent"),
                         }
                     },
                     NDJSON: _NDJSON_EVENTS,
@@ -377,8 +121,14 @@ _CHAT_COMPLETIONS = {
             "401": _UNAUTHORIZED,
             "408": _error("`request_timeout`: the request body did not arrive in time."),
             "409": _error("`run_in_progress`: `on_conflict: reject` while the session is busy."),
-            "413": _error("`payload_too_large`: body over `--max-body-bytes`."),
-            "422": _error("`invalid_request` (wrong shape) or `missing_prompt`."),
+            "413": _error(
+                "`payload_too_large` (body over `--max-body-bytes`), `prompt_too_large`,"
+                " `too_many_messages` or `too_many_values`."
+            ),
+            "422": _error(
+                "`invalid_request` (wrong shape; the first five problems named) or"
+                " `missing_prompt`."
+            ),
             "429": _error(
                 "`queue_full`: `on_conflict: enqueue` with the line full.", retry_after=True
             ),
@@ -402,7 +152,7 @@ def _run_lookup_errors() -> dict[str, Any]:
     }
 
 
-_RUN_RECORD = {"description": "The run's record.", "content": _json(_ref("Run"))}
+_RUN_RECORD = {"description": "The run's record.", "content": json_content(ref("Run"))}
 
 _PATHS: dict[str, Any] = {
     "/v1/chat/completions": _CHAT_COMPLETIONS,
@@ -441,7 +191,7 @@ _PATHS: dict[str, Any] = {
                     "description": "The run's native events.",
                     "headers": _RUN_HEADERS,
                     "content": {
-                        SSE: {"schema": _ref("NativeSseEvent")},
+                        SSE: {"schema": ref("NativeSseEvent")},
                         NDJSON: _NDJSON_EVENTS,
                     },
                 },
@@ -463,10 +213,10 @@ _PATHS: dict[str, Any] = {
             "operationId": "getSession",
             "summary": "A session's current run and recent runs (newest first, up to 10).",
             "parameters": [
-                {"name": "session_id", "in": "path", "required": True, "schema": _SESSION_ID}
+                {"name": "session_id", "in": "path", "required": True, "schema": SESSION_ID}
             ],
             "responses": {
-                "200": {"description": "The session.", "content": _json(_ref("Session"))},
+                "200": {"description": "The session.", "content": json_content(ref("Session"))},
                 "400": _error("`invalid_session_id`."),
                 "401": _UNAUTHORIZED,
                 "404": _error("`session_not_found`: unknown, or another key's."),
@@ -479,9 +229,9 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "healthz",
             "summary": "The process is alive.",
-            "security": _NO_AUTH,
+            "security": NO_AUTH,
             "responses": {
-                "200": {"description": "Alive.", "content": _json(_ref("Status"))},
+                "200": {"description": "Alive.", "content": json_content(ref("Status"))},
                 "500": _SERVER_BUG,
             },
         }
@@ -490,9 +240,9 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "readyz",
             "summary": "Accepting runs.",
-            "security": _NO_AUTH,
+            "security": NO_AUTH,
             "responses": {
-                "200": {"description": "Ready.", "content": _json(_ref("Status"))},
+                "200": {"description": "Ready.", "content": json_content(ref("Status"))},
                 "500": _SERVER_BUG,
                 "503": _error("`starting` or `draining`.", retry_after=True),
             },
@@ -505,7 +255,7 @@ _PATHS: dict[str, Any] = {
             "description": "Only with `--admin-key`; without one it does not exist (404).",
             "security": [{"adminKey": []}],
             "responses": {
-                "200": {"description": "The task tree.", "content": _json(_ref("TaskTree"))},
+                "200": {"description": "The task tree.", "content": json_content(ref("TaskTree"))},
                 "401": _error("`unauthorized`: not the admin key."),
                 "404": _error("`not_found`: no admin key is configured."),
                 "500": _SERVER_BUG,
@@ -517,7 +267,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "metrics",
             "summary": "Prometheus metrics (text exposition format); see docs/operations.md.",
-            "security": _NO_AUTH,
+            "security": NO_AUTH,
             "responses": {
                 "200": {
                     "description": "The metrics.",
@@ -531,7 +281,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "chatPage",
             "summary": "The chat page (HTML); it asks for the API key itself.",
-            "security": _NO_AUTH,
+            "security": NO_AUTH,
             "responses": {
                 "200": {
                     "description": "The page.",
@@ -545,7 +295,7 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "chatPageAsset",
             "summary": "The chat page's script and style.",
-            "security": _NO_AUTH,
+            "security": NO_AUTH,
             "parameters": [
                 {"name": "filename", "in": "path", "required": True, "schema": {"type": "string"}}
             ],
@@ -567,9 +317,9 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "openapi",
             "summary": "This document.",
-            "security": _NO_AUTH,
+            "security": NO_AUTH,
             "responses": {
-                "200": {"description": "The OpenAPI document.", "content": _json({})},
+                "200": {"description": "The OpenAPI document.", "content": json_content({})},
                 "500": _SERVER_BUG,
             },
         }
@@ -594,7 +344,7 @@ def openapi_document() -> dict[str, Any]:
             "security": [{"apiKey": []}],
             "paths": _PATHS,
             "components": {
-                "schemas": _SCHEMAS,
+                "schemas": SCHEMAS,
                 "securitySchemes": {
                     "apiKey": {
                         "type": "http",

@@ -15,43 +15,17 @@ from __future__ import annotations
 
 import hmac
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
 from ..core.run import Run
+from .auth import bearer_token
 from .errors import ApiError
-
-if TYPE_CHECKING:
-    from .state import AppState
-
-
-def task_tree(task: trio.lowlevel.Task) -> dict[str, Any]:
-    return {
-        "name": task.name,
-        "children": [
-            task_tree(child) for nursery in task.child_nurseries for child in nursery.child_tasks
-        ],
-    }
-
-
-def count_tasks(tree: dict[str, Any]) -> int:
-    return 1 + sum(count_tasks(child) for child in tree["children"])
-
-
-def count_live_tasks() -> int:
-    """Every task of the current trio run (call it from the trio thread)."""
-    root = trio.lowlevel.current_root_task()
-    assert root is not None  # we are inside the trio run
-    pending = [root]
-    count = 0
-    while pending:
-        task = pending.pop()
-        count += 1
-        pending.extend(child for nursery in task.child_nurseries for child in nursery.child_tasks)
-    return count
+from .state import AppState
+from .tasktree import count_tasks, task_tree
 
 
 def run_state(run: Run) -> dict[str, Any]:
@@ -92,9 +66,14 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
         admin_key = state.settings.admin_key
         if not admin_key:
             raise ApiError(404, "not_found", "No such resource.")
-        _, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if not hmac.compare_digest(presented.strip().encode(), admin_key.encode()):
-            raise ApiError(401, "unauthorized", "This endpoint needs the admin key.")
+        presented = bearer_token(request.headers.get("Authorization"))
+        if presented is None or not hmac.compare_digest(presented.encode(), admin_key.encode()):
+            raise ApiError(
+                401,
+                "unauthorized",
+                "This endpoint needs 'Authorization: Bearer <admin key>'.",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         root = trio.lowlevel.current_root_task()
         assert root is not None  # we are inside the trio run
         tree = task_tree(root)

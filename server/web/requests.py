@@ -1,26 +1,30 @@
-"""Request bodies and headers, validated into values (cattrs, strict types).
+"""Request bodies and headers, validated into values (strict types).
 
 Malformed JSON is a 400; well-formed JSON of the wrong shape is a 422 whose
-message names the offending fields. Unknown fields are ignored, as OpenAI
-clients send many (``temperature``, ``max_tokens``, ...).
+message names the first offending fields. Unknown fields are ignored, as
+OpenAI clients send many (``temperature``, ``max_tokens``, ...).
+
+Cost: whatever a body within ``--max-body-bytes`` holds, the trio thread
+spends at most a few milliseconds on it (see :func:`read_chat_request`), and
+validation stops at the first :data:`MAX_PROBLEMS` problems.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import json.scanner
 import re
-import typing
 from collections.abc import Iterable
 from typing import Any, Literal
 
 import attrs
-import cattrs
-import cattrs.cols
-import cattrs.gen
+import trio
 
 from ..core.agent import AgentRequest, ChatTurn
 from ..wire.sse import LONE_SURROGATE
 from .errors import CLOSE_CONNECTION, ApiError
+from .validation import Problems, ShapeError, Structurer
 
 SESSION_ID_PATTERN = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -71,12 +75,7 @@ class ChatRequest:
         """The engine's request; 413 past ``max_messages`` messages or
         ``max_chars`` characters of prompt and message contents together."""
         messages = self.messages or ()
-        if max_messages is not None and len(messages) > max_messages:
-            raise ApiError(
-                413,
-                "too_many_messages",
-                f"The request has {len(messages)} messages; the server accepts {max_messages}.",
-            )
+        _check_message_count(len(messages), max_messages)
         turns = tuple(ChatTurn(role=m.role, content=m.text) for m in messages)
         chars = len(self.prompt or "") + sum(len(turn.content) for turn in turns)
         if max_chars is not None and chars > max_chars:
@@ -97,89 +96,94 @@ class ChatRequest:
         return AgentRequest(prompt=prompt, messages=turns, model=self.model)
 
 
-class _WrongType(TypeError):
-    """Raised by our hooks; its text is ours and safe to show to clients."""
+def _check_message_count(count: int, max_messages: int | None) -> None:
+    if max_messages is not None and count > max_messages:
+        raise ApiError(
+            413,
+            "too_many_messages",
+            f"The request has {count} messages; the server accepts {max_messages}.",
+        )
 
 
-_TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer"}
-
-
-def _strict(expected: type) -> Any:
-    def structure(value: Any, _type: Any) -> Any:
-        # bool is an int in Python; neither may stand in for the other here.
-        if type(value) is not expected:
-            raise _WrongType(f"expected {_TYPE_NAMES[expected]}")
-        return value
-
-    return structure
-
-
-def _is_list_type(type_: Any) -> bool:
-    return typing.get_origin(type_) is list
-
-
-def _strict_list(list_type: Any, converter: cattrs.BaseConverter) -> Any:
-    structure_items = cattrs.cols.list_structure_factory(list_type, converter)
-
-    def structure(value: Any, type_: Any) -> Any:
-        if not isinstance(value, list):  # a string is iterable, but not a list
-            raise _WrongType("expected a list")
-        return structure_items(value, type_)
-
-    return structure
-
-
-def _strict_object(cls: Any, converter: cattrs.BaseConverter) -> Any:
-    structure_fields = cattrs.gen.make_dict_structure_fn(cls, converter)
-
-    def structure(value: Any, type_: Any) -> Any:
-        if not isinstance(value, dict):
-            raise _WrongType("expected an object")
-        return structure_fields(value, type_)
-
-    return structure
-
-
-def _content(value: Any, _type: Any) -> str | list[TextPart] | None:
+def _content(value: Any, path: str, problems: Problems) -> Any:
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, list):
-        return _converter.structure(value, list[TextPart])
-    raise _WrongType("expected a string or a list of content parts")
+        return _structurer.at(value, list[TextPart], path, problems)
+    return problems.report("expected a string or a list of content parts", path)
 
 
-def _describe(exc: BaseException, type_: Any) -> str:
-    """Client-facing wording for one validation failure: fixed phrases, never
-    the exception's own text (which can quote internals)."""
-    if isinstance(exc, _WrongType):
-        return str(exc)
-    if isinstance(exc, KeyError):
-        return "required field missing"
-    candidates = typing.get_args(type_) if typing.get_origin(type_) is not Literal else (type_,)
-    choices = [
-        repr(choice)
-        for candidate in candidates
-        if typing.get_origin(candidate) is Literal
-        for choice in typing.get_args(candidate)
-    ]
-    return "expected one of " + ", ".join(choices) if choices else "invalid value"
+_structurer = Structurer(hooks={str | list[TextPart] | None: _content})
+
+# Bodies up to this size are decoded and validated on the trio thread: at
+# most ~2 ms whatever they hold (tests/unit/test_request_cost.py). Larger
+# ones are parsed in a worker thread, by json's pure-Python scanner: C's
+# json.loads holds the GIL throughout (20-60 ms for 1 MiB of small values),
+# a Python-level parse lets the trio thread take the GIL back every
+# switch interval (5 ms).
+INLINE_BODY_BYTES = 16 * 1024
+# One worker: under the GIL a second parsing thread adds no throughput, only
+# another contender for the trio thread's GIL.
+PARSE_THREADS = 1
+# Problems named in a 422; the walk stops at the last one.
+MAX_PROBLEMS = 5
+# Objects and arrays in one body (413 past it; a large body's parse stops
+# there). Far above what a request within --max-messages needs, and above
+# what INLINE_BODY_BYTES can hold (3 bytes each), so both paths agree. Each
+# is an object the garbage collector walks: 350,000 of them (1 MiB of
+# ``[],``) cost 30-50 ms pauses of every thread while they live.
+MAX_JSON_CONTAINERS = 20_000
 
 
-_converter = cattrs.Converter(forbid_extra_keys=False)
-for _type in (str, bool, int):
-    _converter.register_structure_hook(_type, _strict(_type))
-_converter.register_structure_hook_factory(_is_list_type, _strict_list)
-_converter.register_structure_hook_factory(attrs.has, _strict_object)
-_converter.register_structure_hook(str | list[TextPart] | None, _content)
+def parse_limiter() -> trio.CapacityLimiter:
+    """The limiter :func:`read_chat_request` takes: one per app."""
+    return trio.CapacityLimiter(PARSE_THREADS)
+
+
+async def read_chat_request(
+    body: bytes, *, max_messages: int | None, limiter: trio.CapacityLimiter
+) -> ChatRequest:
+    """:func:`parse_chat_request`, off the trio thread for a large body.
+
+    The worker thread is never abandoned (``abandon_on_cancel=False``): a
+    cancelled request waits for its parse to end, so no thread outlives the
+    request that started it, and the limiter counts every thread running.
+    The wait is bounded: the body is at most ``--max-body-bytes`` and the
+    parse linear in it (~0.5 s of CPU for 1 MiB of the smallest values).
+    """
+    if len(body) <= INLINE_BODY_BYTES:
+        return parse_chat_request(body, max_messages=max_messages)
+    outcome = await trio.to_thread.run_sync(
+        functools.partial(_parse_in_worker, body, max_messages=max_messages),
+        limiter=limiter,
+        abandon_on_cancel=False,
+    )
+    if isinstance(outcome, ApiError):
+        raise outcome
+    return outcome
+
+
+def _parse_in_worker(body: bytes, *, max_messages: int | None) -> ChatRequest | ApiError:
+    try:
+        return parse_chat_request(body, max_messages=max_messages, yield_gil=True)
+    except ApiError as error:
+        # A fresh error, without the traceback and context whose frames hold
+        # the decoded body: that is freed here, in this thread (hundreds of
+        # thousands of objects: tens of ms), not where the error is handled.
+        return ApiError(error.status, error.code, error.message, headers=error.headers)
 
 
 # A surrogate code point in a decoded ``str`` is a lone one (JSON's
 # ``"\ud800"`` escape): no UTF-8 can carry it, so the agent, the run store and
 # the wire encoders would each fail on it (LONE_SURROGATE, shared with the
-# encoders).
+# encoders). One can only come from an escape of one or from the text itself
+# (utf-8 is decoded with surrogatepass, as json.loads does).
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _has_lone_surrogate(value: Any) -> bool:
+def _has_lone_surrogate(text: str, value: Any) -> bool:
+    if not (_SURROGATE_ESCAPE.search(text) or LONE_SURROGATE.search(text)):
+        return False
     pending = [value]  # iterative: the parser allows nesting deeper than our stack
     while pending:
         item = pending.pop()
@@ -194,13 +198,58 @@ def _has_lone_surrogate(value: Any) -> bool:
     return False
 
 
-def parse_chat_request(body: bytes) -> ChatRequest:
+class _TooManyContainers(Exception):
+    pass
+
+
+def _decode(text: str, *, yield_gil: bool) -> Any:
+    if not yield_gil:
+        return json.loads(text)
+    # A decoder per call: the Python scanner's memo and our count are per body.
+    decoder = json.JSONDecoder()
+    containers = 0
+
+    def counted(parse: Any) -> Any:
+        def parse_counted(*args: Any) -> Any:
+            nonlocal containers
+            containers += 1
+            if containers > MAX_JSON_CONTAINERS:
+                raise _TooManyContainers
+            return parse(*args)
+
+        return parse_counted
+
+    # py_make_scanner takes these from its context: every object and array.
+    decoder.parse_object = counted(decoder.parse_object)  # type: ignore[attr-defined]
+    decoder.parse_array = counted(decoder.parse_array)  # type: ignore[attr-defined]
+    decoder.scan_once = json.scanner.py_make_scanner(decoder)  # type: ignore[attr-defined]
+    return decoder.decode(text)
+
+
+def parse_chat_request(
+    body: bytes, *, max_messages: int | None = None, yield_gil: bool = False
+) -> ChatRequest:
+    """The request in ``body``, or an :class:`ApiError`: 400 for anything
+    but JSON, 413 past ``max_messages`` messages, 422 for the wrong shape
+    (naming the first :data:`MAX_PROBLEMS` problems).
+
+    ``yield_gil``: parse with the Python scanner (for a worker thread)."""
     try:
-        raw = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-        # RecursionError: nesting deeper than the parser's stack allows.
+        # What json.loads does with bytes, kept so both parsers see one text.
+        text = body.decode(json.detect_encoding(body), "surrogatepass")
+        raw = _decode(text, yield_gil=yield_gil)
+    except _TooManyContainers:
+        raise ApiError(
+            413,
+            "too_many_values",
+            f"The request body holds more than {MAX_JSON_CONTAINERS} JSON objects and arrays.",
+        ) from None
+    except (ValueError, RecursionError):
+        # ValueError: UnicodeDecodeError, JSONDecodeError, and an integer of
+        # more than sys.get_int_max_str_digits() digits. RecursionError:
+        # nesting deeper than the parser's stack allows.
         raise ApiError(400, "invalid_json", "The request body is not valid JSON.") from None
-    if _has_lone_surrogate(raw):
+    if _has_lone_surrogate(text, raw):
         raise ApiError(
             400,
             "invalid_json",
@@ -208,11 +257,13 @@ def parse_chat_request(body: bytes) -> ChatRequest:
         )
     if not isinstance(raw, dict):
         raise ApiError(422, "invalid_request", "The request body must be a JSON object.")
+    messages = raw.get("messages")
+    if isinstance(messages, list):  # counted before a single one is validated
+        _check_message_count(len(messages), max_messages)
     try:
-        return _converter.structure(raw, ChatRequest)
-    except cattrs.BaseValidationError as exc:
-        problems = cattrs.transform_error(exc, format_exception=_describe)
-        detail = "; ".join(problems[:5])
+        return _structurer.structure(raw, ChatRequest, max_problems=MAX_PROBLEMS)
+    except ShapeError as exc:
+        detail = "; ".join(exc.problems)
         raise ApiError(422, "invalid_request", f"Invalid request: {detail}.") from None
 
 

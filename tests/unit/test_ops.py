@@ -35,6 +35,22 @@ async def test_debug_tasks_is_off_without_an_admin_key(
         assert (await app.test_client().get("/debug/tasks", headers=AUTH)).status_code == 404
 
 
+async def test_debug_tasks_accepts_only_the_bearer_scheme(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Issue 11, finding 7: ``Basic <admin key>`` (any scheme) was accepted."""
+    async with serving(admin_key="admin-secret") as app:
+        client = app.test_client()
+        for refused in ("Basic admin-secret", "Token admin-secret", "admin-secret", "Bearer"):
+            response = await client.get("/debug/tasks", headers={"Authorization": refused})
+            assert response.status_code == 401, refused
+            assert (await response.get_json())["error"]["code"] == "unauthorized"
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+        for accepted in ("Bearer admin-secret", "bearer admin-secret", "BEARER  admin-secret "):
+            response = await client.get("/debug/tasks", headers={"Authorization": accepted})
+            assert response.status_code == 200, accepted
+
+
 async def test_debug_tasks_shows_the_tree_and_returns_to_baseline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
