@@ -140,7 +140,9 @@ class StoreConnection:
         except (sqlite3.Error, NoRow, _Closing) as exc:
             logger.error("run_store_failed op=%s error=%r", operation, exc)
             self.write_failures += write
-            raise failure(operation) from exc
+            # OperationalError: full, I/O, locked, busy; worth another try.
+            transient = isinstance(exc, sqlite3.OperationalError) and not self.closing
+            raise failure(operation, transient=transient) from exc
 
     def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._abandon_queue:
@@ -210,7 +212,8 @@ def _open_sync(
         data_dir.mkdir(parents=True, exist_ok=True)
         lock_fd = _lock_data_dir(data_dir)
     except OSError as exc:
-        raise StoreOpenError("open", f"cannot use data directory {data_dir}: {exc}") from exc
+        reason = f"cannot use data directory {data_dir}{_full_disk_hint(data_dir)}: {exc}"
+        raise StoreOpenError("open", reason) from exc
     try:
         connection = sqlite3.connect(database, check_same_thread=False, isolation_level=None)
         try:
@@ -229,11 +232,22 @@ def _open_sync(
         raise StoreOpenError("open", f"{database} was written by a newer server ({exc})") from exc
     except sqlite3.Error as exc:
         _unlock(lock_fd)
-        raise StoreOpenError("open", f"cannot open {database}: {exc}") from exc
+        reason = f"cannot open {database}{_full_disk_hint(data_dir)}: {exc}"
+        raise StoreOpenError("open", reason) from exc
     except BaseException:
         _unlock(lock_fd)
         raise
     return connection, lock_fd, applied, prepared
+
+
+def _full_disk_hint(data_dir: Path) -> str:
+    """Say so when the disk is full: SQLite reports it as "database or disk
+    is full" or, for the WAL index, as an I/O error."""
+    try:
+        stats = os.statvfs(data_dir)
+    except (OSError, AttributeError):  # (no statvfs on Windows)
+        return ""
+    return " (the disk is full)" if stats.f_bavail == 0 else ""
 
 
 def _lock_data_dir(data_dir: Path) -> int | None:

@@ -11,13 +11,24 @@ A row whose insert did not happen (a store error, or cancelled while
 waiting for its turn: a cancelled store call never ran) is inserted when
 the run ends, so the terminal status still lands if the store recovered.
 
-A terminal write that did not happen (the store was locked or refused the
-write, or the cleanup budget ran out while it waited its turn, as under
-heavy load) is kept and written again after a later run's terminal write
-succeeds, a few at a time, and all of them before the store closes, so a
-run does not stay ``running`` in the store once the store has recovered. A
-write the store refuses :data:`TERMINAL_WRITE_ATTEMPTS` times is given up
-(logged; crash recovery marks the row at the next open); a write that was
+A terminal write that did not happen (the store was full, locked or
+refused the write, or the cleanup budget ran out while it waited its turn,
+as under heavy load) is kept and written again by :meth:`StoreObserver.serve`,
+the observer's own task: it tries the oldest pending write every
+:data:`RETRY_MIN_INTERVAL` seconds, doubling up to :data:`RETRY_MAX_INTERVAL`
+while the store refuses, and at once after a run's own terminal write
+succeeds (the store takes writes again); then it writes the rest, oldest
+first. :meth:`flush` tries all of them once more before the store closes. So
+every run ends up in the store, with its real status, within
+:data:`RETRY_MAX_INTERVAL` seconds of the store taking writes again (runs a
+crash left ``running`` that the store could not mark at open, too).
+
+A write the store refused for now (:attr:`StoreWriteError.transient`: disk
+full, I/O error, locked) is kept until it lands; at most
+:data:`MAX_PENDING_WRITES` are kept (then the oldest is given up, logged).
+A write that failed otherwise (no row to finish, a constraint, an
+unexpected error) :data:`TERMINAL_WRITE_ATTEMPTS` times is given up
+(logged; crash recovery marks the row at the next open). A write that was
 cancelled before its turn never ran and does not count as an attempt.
 """
 
@@ -26,6 +37,7 @@ from __future__ import annotations
 import logging
 
 import attrs
+import trio
 
 from ..core.events import CancelReason, ErrorInfo, RunStatus, Usage
 from ..core.run import Run
@@ -34,11 +46,14 @@ from .sqlite import SqliteRunStore
 
 logger = logging.getLogger(__name__)
 
-# Refusals of one terminal write by the store before it is given up (logged).
+# Failures of one terminal write, other than the store refusing for now,
+# before it is given up (logged).
 TERMINAL_WRITE_ATTEMPTS = 5
-# Earlier failed terminal writes retried after each successful one: a bound
-# on the extra work one run's cleanup takes on.
-RETRIES_PER_RUN_END = 8
+# Terminal writes kept while the store refuses them: a bound on memory.
+MAX_PENDING_WRITES = 10_000
+# Seconds between retries while the store refuses (doubling from min to max).
+RETRY_MIN_INTERVAL = 0.5
+RETRY_MAX_INTERVAL = 10.0
 
 
 @attrs.define(eq=False)
@@ -64,9 +79,16 @@ class StoreObserver:
     _unrecorded: dict[str, RunRecord] = attrs.field(factory=dict, init=False)
     # Ended runs whose terminal status is not in the store yet, oldest first.
     _unfinished: dict[str, _TerminalWrite] = attrs.field(factory=dict, init=False)
+    # Set when there is something to retry (renewed once there is not).
+    _pending: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # Set when the store took a run's terminal write: retry now.
+    _store_took_write: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.store.before_close.append(self.flush)
+        if self.store.unrecovered:
+            self._pending.set()
 
     @property
     def unfinished(self) -> int:
@@ -112,17 +134,17 @@ class StoreObserver:
         )
         try:
             await self._write(write)
-        except StoreWriteError:
+        except StoreWriteError as exc:
             logger.warning(
                 "run %s: terminal status %s not recorded (retried later)", run.run_id, status.value
             )
-            self._keep(write)
+            self._keep(write, exc)
             raise
         except BaseException:
             # Cancelled (the cleanup budget ran out) before the write's turn.
             self._keep(write)
             raise
-        await self._retry_unfinished()
+        self._store_took_write.set()
 
     async def _write(self, write: _TerminalWrite) -> None:
         try:
@@ -148,38 +170,72 @@ class StoreObserver:
             finished_at=write.finished_at,
         )
 
-    def _keep(self, write: _TerminalWrite) -> None:
-        if write.attempts < TERMINAL_WRITE_ATTEMPTS:
-            self._unfinished[write.run_id] = write
-        else:
-            logger.error(
-                "run_store_gave_up run=%s status=%s attempts=%d",
-                write.run_id,
-                write.status.value,
-                write.attempts,
-            )
+    def _keep(self, write: _TerminalWrite, error: BaseException | None = None) -> None:
+        refused_for_now = isinstance(error, StoreWriteError) and error.transient
+        if not refused_for_now and write.attempts >= TERMINAL_WRITE_ATTEMPTS:
+            self._give_up(write, "attempts")
+            return
+        self._unfinished[write.run_id] = write
+        self._pending.set()
+        while len(self._unfinished) > MAX_PENDING_WRITES:
+            self._give_up(self._unfinished.pop(next(iter(self._unfinished))), "too_many_pending")
+
+    @staticmethod
+    def _give_up(write: _TerminalWrite, reason: str) -> None:
+        logger.error(
+            "run_store_gave_up run=%s status=%s attempts=%d reason=%s",
+            write.run_id,
+            write.status.value,
+            write.attempts,
+            reason,
+        )
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Retry pending writes until :meth:`stop` or the store closes (see
+        the module docstring). Start it with ``nursery.start(observer.serve)``."""
+        interval = RETRY_MIN_INTERVAL
+        with self._scope:
+            task_status.started()
+            while True:
+                await self._pending.wait()
+                with trio.move_on_after(interval):
+                    await self._store_took_write.wait()
+                self._store_took_write = trio.Event()
+                if await self._retry_pending():
+                    interval = RETRY_MIN_INTERVAL
+                else:
+                    interval = min(2 * interval, RETRY_MAX_INTERVAL)
+
+    def stop(self) -> None:
+        self._scope.cancel()
 
     async def flush(self) -> None:
-        """Land every pending terminal write (the store calls this before it
-        closes, after the runs have ended)."""
-        await self._retry_unfinished(len(self._unfinished))
+        """Land every pending write (the store calls this before it closes,
+        after the runs have ended); :meth:`serve` ends here."""
+        self.stop()
+        await self._retry_pending()
         if self._unfinished:
             logger.error("run_store_unfinished count=%d", len(self._unfinished))
 
-    async def _retry_unfinished(self, limit: int = RETRIES_PER_RUN_END) -> None:
-        """The store has just taken a write: land terminal writes it refused
-        earlier, oldest first, up to ``limit``; stop at the first that fails."""
-        for _ in range(limit):
-            if not self._unfinished:  # (other run ends retry concurrently)
-                return
+    async def _retry_pending(self) -> bool:
+        """Deferred crash recovery, then terminal writes the store refused
+        earlier, oldest first; stop at the first that fails. True if
+        nothing is left pending."""
+        if self.store.unrecovered:
+            try:
+                await self.store.recover_deferred()
+            except StoreWriteError as exc:
+                logger.warning("run_store_recovery_pending: %r", exc)
+                return False
+        while self._unfinished:
             write = self._unfinished.pop(next(iter(self._unfinished)))
             try:
                 await self._write(write)
             except Exception as exc:
-                # Not this run's write: its failure stays with its own run.
+                # Not a run's own write: its failure stays with its own run.
                 logger.warning("run %s: terminal status still not recorded: %r", write.run_id, exc)
-                self._keep(write)
-                return
+                self._keep(write, exc)
+                return False
             except BaseException:
                 self._keep(write)
                 raise
@@ -189,6 +245,9 @@ class StoreObserver:
                 write.status.value,
                 write.attempts,
             )
+        if not self.store.unrecovered:
+            self._pending = trio.Event()
+        return True
 
     async def run_discarded(self, run: Run) -> None:
         """``rollback``: the superseded run's record and output go."""

@@ -82,9 +82,13 @@ class StoreError(ObserverError):
     code = "store_error"
     message = "The run store failed."
 
-    def __init__(self, operation: str) -> None:
+    def __init__(self, operation: str, *, transient: bool = False) -> None:
         super().__init__(self.message)
         self.operation = operation
+        # The store refused for now (disk full, I/O error, locked): the same
+        # call may succeed later. Not transient: it never will (no such row,
+        # a constraint, the store closed).
+        self.transient = transient
 
     @property
     def error_info(self) -> ErrorInfo:  # reported as error_details by the engine

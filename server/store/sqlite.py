@@ -23,6 +23,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
@@ -54,6 +55,11 @@ class SqliteRunStore:
     # Wall clock (UNIX seconds) for the timestamps the store fills in.
     clock: Callable[[], float]
     _connection: StoreConnection = attrs.field(alias="connection")
+    # Crash recovery found these ``running`` at open but could not write
+    # (the disk was full): marked later by recover_deferred.
+    _unrecovered: set[str] = attrs.field(factory=set, alias="unrecovered")
+    # Wall clock at open: the finished_at crash recovery writes.
+    opened_at: float = 0.0
     # Awaited by aclose before it stops taking calls (the observer's pending writes).
     before_close: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list, init=False)
 
@@ -72,19 +78,20 @@ class SqliteRunStore:
 
         Raises :class:`StoreOpenError` with an operator-readable reason."""
         now = clock()
-
-        def recover(db: sqlite3.Connection) -> int:
-            rowcount: int = db.execute(
-                "UPDATE runs SET status = 'interrupted', cancel_reason = ?, finished_at = ?"
-                " WHERE finished_at IS NULL AND status = 'running'",
-                (CRASH_RECOVERY, now),
-            ).rowcount
-            return rowcount
-
-        connection, recovered = await StoreConnection.open(
-            Path(data_dir), recover, busy_timeout=busy_timeout, close_timeout=close_timeout
+        connection, (recovered, unrecovered) = await StoreConnection.open(
+            Path(data_dir),
+            partial(_recover_at_open, now=now),
+            busy_timeout=busy_timeout,
+            close_timeout=close_timeout,
         )
-        store = cls(path=connection.path, recovered=recovered, clock=clock, connection=connection)
+        store = cls(
+            path=connection.path,
+            recovered=recovered,
+            clock=clock,
+            connection=connection,
+            unrecovered=unrecovered,
+            opened_at=now,
+        )
         logger.info(
             "run_store_open path=%s schema_version=%d migrated=%s recovered=%d",
             store.path,
@@ -96,7 +103,37 @@ class SqliteRunStore:
             logger.warning(
                 "run_store_crash_recovery interrupted=%d reason=%s", recovered, CRASH_RECOVERY
             )
+        if unrecovered:
+            logger.warning(
+                "run_store_crash_recovery_deferred running=%d: the store refused the write"
+                " (retried until it takes it)",
+                len(unrecovered),
+            )
         return store
+
+    @property
+    def unrecovered(self) -> int:
+        """Runs a crash left ``running`` that the store could not mark at open."""
+        return len(self._unrecovered)
+
+    async def recover_deferred(self) -> int:
+        """Mark the runs :attr:`unrecovered` at open as interrupted now (with
+        the open's time); the number marked. Raises :class:`StoreWriteError`
+        while the store still refuses."""
+        if not self._unrecovered:
+            return 0
+        run_ids = tuple(self._unrecovered)
+        recovered = await self._call(
+            "recover", partial(_mark_interrupted, run_ids=run_ids, now=self.opened_at), write=True
+        )
+        self._unrecovered.difference_update(run_ids)
+        self.recovered += recovered
+        logger.warning(
+            "run_store_crash_recovery interrupted=%d reason=%s (deferred)",
+            recovered,
+            CRASH_RECOVERY,
+        )
+        return recovered
 
     @property
     def closed(self) -> bool:
@@ -323,3 +360,35 @@ async def open_sqlite_store(
         yield store
     finally:
         await store.aclose()
+
+
+# --- crash recovery (worker thread) ---------------------------------------------
+
+
+def _recover_at_open(db: sqlite3.Connection, *, now: float) -> tuple[int, set[str]]:
+    """Mark the runs a crash left ``running`` as interrupted; if the store
+    refuses the write (a full disk), read which they are instead, so the
+    store still opens (reads work) and marks them once it takes writes."""
+    try:
+        rowcount: int = db.execute(
+            "UPDATE runs SET status = 'interrupted', cancel_reason = ?, finished_at = ?"
+            " WHERE finished_at IS NULL AND status = 'running'",
+            (CRASH_RECOVERY, now),
+        ).rowcount
+    except sqlite3.OperationalError as exc:
+        logger.error("run_store_failed op=recover error=%r", exc)
+        rows = db.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()
+        return 0, {run_id for (run_id,) in rows}
+    return rowcount, set()
+
+
+def _mark_interrupted(db: sqlite3.Connection, *, run_ids: tuple[str, ...], now: float) -> int:
+    marked = 0
+    with transaction(db):
+        for run_id in run_ids:
+            marked += db.execute(
+                "UPDATE runs SET status = 'interrupted', cancel_reason = ?, finished_at = ?"
+                " WHERE run_id = ? AND status = 'running'",
+                (CRASH_RECOVERY, now, run_id),
+            ).rowcount
+    return marked
