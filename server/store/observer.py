@@ -75,6 +75,8 @@ class _TerminalWrite:
 @attrs.define(eq=False)
 class StoreObserver:
     store: SqliteRunStore
+    # Keep each run's prompt in its row (--store-prompts); off by default.
+    store_prompts: bool = attrs.field(default=False, kw_only=True)
     # Started runs whose row is not in the store yet, by run id.
     _unrecorded: dict[str, RunRecord] = attrs.field(factory=dict, init=False)
     # Ended runs whose terminal status is not in the store yet, oldest first.
@@ -100,7 +102,7 @@ class StoreObserver:
             run_id=run.run_id,
             principal=run.principal,
             session_id=run.session_id,
-            prompt=run.request.prompt,
+            prompt=run.request.prompt if self.store_prompts else None,
             agent=run.agent.name,
             status=RunStatus.RUNNING,
             created_at=self.store.clock(),

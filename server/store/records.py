@@ -50,7 +50,8 @@ class RunRecord:
     run_id: str = attrs.field(validator=attrs.validators.min_len(1))
     principal: str
     session_id: str
-    prompt: str
+    # None unless the server stores prompts (--store-prompts).
+    prompt: str | None
     agent: str
     status: RunStatus = attrs.field(converter=RunStatus)
     created_at: float
