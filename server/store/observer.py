@@ -8,8 +8,9 @@ engine to report on the terminal event; :class:`trio.Cancelled` is never
 caught.
 
 A row whose insert did not happen (a store error, or cancelled while
-waiting for its turn: a cancelled store call never ran) is inserted when
-the run ends, so the terminal status still lands if the store recovered.
+waiting for its turn: a cancelled store call never ran) is inserted by the
+retries below while the run goes on, or with its terminal status when it
+ends; inserts that are retried leave an existing row as it is.
 
 A terminal write that did not happen (the store was full, locked or
 refused the write, or the cleanup budget ran out while it waited its turn,
@@ -25,7 +26,8 @@ crash left ``running`` that the store could not mark at open, too).
 
 A write the store refused for now (:attr:`StoreWriteError.transient`: disk
 full, I/O error, locked) is kept until it lands; at most
-:data:`MAX_PENDING_WRITES` are kept (then the oldest is given up, logged).
+:data:`MAX_PENDING_WRITES` writes and :data:`MAX_PENDING_CHARS` characters
+of output are kept (beyond that the oldest is given up, logged).
 A write that failed otherwise (no row to finish, a constraint, an
 unexpected error) :data:`TERMINAL_WRITE_ATTEMPTS` times is given up
 (logged; crash recovery marks the row at the next open). A write that was
@@ -49,8 +51,10 @@ logger = logging.getLogger(__name__)
 # Failures of one terminal write, other than the store refusing for now,
 # before it is given up (logged).
 TERMINAL_WRITE_ATTEMPTS = 5
-# Terminal writes kept while the store refuses them: a bound on memory.
+# Terminal writes kept while the store refuses them, and their output: a
+# bound on memory.
 MAX_PENDING_WRITES = 10_000
+MAX_PENDING_CHARS = 64 * 1024 * 1024
 # Seconds between retries while the store refuses (doubling from min to max).
 RETRY_MIN_INTERVAL = 0.5
 RETRY_MAX_INTERVAL = 10.0
@@ -81,11 +85,15 @@ class StoreObserver:
     _unrecorded: dict[str, RunRecord] = attrs.field(factory=dict, init=False)
     # Ended runs whose terminal status is not in the store yet, oldest first.
     _unfinished: dict[str, _TerminalWrite] = attrs.field(factory=dict, init=False)
+    # Characters of output in _unfinished.
+    _unfinished_chars: int = attrs.field(default=0, init=False)
     # Set when there is something to retry (renewed once there is not).
     _pending: trio.Event = attrs.field(factory=trio.Event, init=False)
     # Set when the store took a run's terminal write: retry now.
     _store_took_write: trio.Event = attrs.field(factory=trio.Event, init=False)
     _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    # Set when serve has returned (None: it never started).
+    _served: trio.Event | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.store.before_close.append(self.flush)
@@ -111,12 +119,14 @@ class StoreObserver:
             await self.store.insert_started(record)
             self._unrecorded.pop(run.run_id, None)  # recorded after an earlier failure
         except StoreWriteError:
-            logger.warning("run %s: start not recorded (retried when it ends)", run.run_id)
+            logger.warning("run %s: start not recorded (retried)", run.run_id)
             self._unrecorded[run.run_id] = record
+            self._wake_retries()
             raise
         except BaseException:
             # Cancelled before its turn: the insert did not run.
             self._unrecorded[run.run_id] = record
+            self._wake_retries()
             raise
 
     async def run_ended(self, run: Run, status: RunStatus) -> None:
@@ -151,8 +161,9 @@ class StoreObserver:
     async def _write(self, write: _TerminalWrite) -> None:
         try:
             if write.start is not None:
-                await self.store.insert_started(write.start)
-                write.start = None  # done: a retry must not insert it twice
+                # (The retry task may have inserted it meanwhile.)
+                await self.store.insert_started(write.start, if_absent=True)
+                write.start = None  # done
             await self._finish(write)
         except Exception:
             # Any failure counts towards giving up (only a cancel before
@@ -178,9 +189,23 @@ class StoreObserver:
             self._give_up(write, "attempts")
             return
         self._unfinished[write.run_id] = write
-        self._pending.set()
-        while len(self._unfinished) > MAX_PENDING_WRITES:
-            self._give_up(self._unfinished.pop(next(iter(self._unfinished))), "too_many_pending")
+        self._unfinished_chars += len(write.text)
+        self._wake_retries()
+        while (
+            len(self._unfinished) > MAX_PENDING_WRITES or self._unfinished_chars > MAX_PENDING_CHARS
+        ):
+            self._give_up(self._take(next(iter(self._unfinished))), "too_many_pending")
+
+    def _take(self, run_id: str) -> _TerminalWrite:
+        write = self._unfinished.pop(run_id)
+        self._unfinished_chars -= len(write.text)
+        return write
+
+    def _wake_retries(self) -> None:
+        if not self._pending.is_set():
+            # A success from before this refusal is no reason to retry at once.
+            self._store_took_write = trio.Event()
+            self._pending.set()
 
     @staticmethod
     def _give_up(write: _TerminalWrite, reason: str) -> None:
@@ -196,41 +221,60 @@ class StoreObserver:
         """Retry pending writes until :meth:`stop` or the store closes (see
         the module docstring). Start it with ``nursery.start(observer.serve)``."""
         interval = RETRY_MIN_INTERVAL
-        with self._scope:
-            task_status.started()
-            while True:
-                await self._pending.wait()
-                with trio.move_on_after(interval):
-                    await self._store_took_write.wait()
-                self._store_took_write = trio.Event()
-                if await self._retry_pending():
-                    interval = RETRY_MIN_INTERVAL
-                else:
-                    interval = min(2 * interval, RETRY_MAX_INTERVAL)
+        self._served = served = trio.Event()
+        try:
+            with self._scope:
+                task_status.started()
+                while True:
+                    await self._pending.wait()
+                    with trio.move_on_after(interval):
+                        await self._store_took_write.wait()
+                    self._store_took_write = trio.Event()
+                    if await self._retry_pending():
+                        interval = RETRY_MIN_INTERVAL
+                    else:
+                        interval = min(2 * interval, RETRY_MAX_INTERVAL)
+        finally:
+            served.set()
 
     def stop(self) -> None:
         self._scope.cancel()
 
     async def flush(self) -> None:
         """Land every pending write (the store calls this before it closes,
-        after the runs have ended); :meth:`serve` ends here."""
+        after the runs have ended); :meth:`serve` ends here first, so one
+        task at a time writes them. Bounded by the store's close timeout."""
         self.stop()
+        if self._served is not None:
+            await self._served.wait()  # its store call in flight, at most
         await self._retry_pending()
         if self._unfinished:
             logger.error("run_store_unfinished count=%d", len(self._unfinished))
 
     async def _retry_pending(self) -> bool:
-        """Deferred crash recovery, then terminal writes the store refused
-        earlier, oldest first; stop at the first that fails. True if
-        nothing is left pending."""
+        """Deferred crash recovery, starts of live runs, then terminal
+        writes the store refused earlier, oldest first; stop at the first
+        that fails. True if nothing is left pending."""
         if self.store.unrecovered:
             try:
                 await self.store.recover_deferred()
             except StoreWriteError as exc:
                 logger.warning("run_store_recovery_pending: %r", exc)
                 return False
+        for run_id, record in list(self._unrecorded.items()):
+            if self._unrecorded.get(run_id) is not record:
+                continue  # ended or discarded meanwhile
+            try:
+                await self.store.insert_started(record, if_absent=True)
+            except StoreWriteError as exc:
+                if exc.transient:
+                    return False
+                # It never will; its run's end finds no row and gives up.
+                logger.error("run_store_gave_up run=%s status=running reason=%r", run_id, exc)
+            if self._unrecorded.get(run_id) is record:
+                del self._unrecorded[run_id]
         while self._unfinished:
-            write = self._unfinished.pop(next(iter(self._unfinished)))
+            write = self._take(next(iter(self._unfinished)))
             try:
                 await self._write(write)
             except Exception as exc:
@@ -247,12 +291,13 @@ class StoreObserver:
                 write.status.value,
                 write.attempts,
             )
-        if not self.store.unrecovered:
+        if not (self.store.unrecovered or self._unrecorded):
             self._pending = trio.Event()
         return True
 
     async def run_discarded(self, run: Run) -> None:
         """``rollback``: the superseded run's record and output go."""
         self._unrecorded.pop(run.run_id, None)
-        self._unfinished.pop(run.run_id, None)
+        if run.run_id in self._unfinished:
+            self._take(run.run_id)
         await self.store.delete(run.run_id)

@@ -36,6 +36,7 @@ from .connection import LOCK_FILE as LOCK_FILE
 from .connection import THREAD_NAME as THREAD_NAME
 from .connection import NoRow, StoreConnection, transaction
 from .records import CRASH_RECOVERY, RunRecord
+from .recovery import mark_interrupted, recover_at_open
 from .rows import COLUMNS, PROBE, to_record, to_row
 from .schema import SCHEMA_VERSION
 
@@ -80,7 +81,7 @@ class SqliteRunStore:
         now = clock()
         connection, (recovered, unrecovered) = await StoreConnection.open(
             Path(data_dir),
-            partial(_recover_at_open, now=now),
+            partial(recover_at_open, now=now),
             busy_timeout=busy_timeout,
             close_timeout=close_timeout,
         )
@@ -124,7 +125,7 @@ class SqliteRunStore:
             return 0
         run_ids = tuple(self._unrecovered)
         recovered = await self._call(
-            "recover", partial(_mark_interrupted, run_ids=run_ids, now=self.opened_at), write=True
+            "recover", partial(mark_interrupted, run_ids=run_ids, now=self.opened_at), write=True
         )
         self._unrecovered.difference_update(run_ids)
         self.recovered += recovered
@@ -168,12 +169,16 @@ class SqliteRunStore:
 
     # --- writes ------------------------------------------------------------
 
-    async def insert_started(self, record: RunRecord) -> None:
-        """Record a run that has just started (``status`` must be running)."""
+    async def insert_started(self, record: RunRecord, *, if_absent: bool = False) -> None:
+        """Record a run that has just started (``status`` must be running).
+        A row with the same run id is an error, or with ``if_absent`` left
+        as it is (a retry of an insert whose outcome is not known)."""
         if record.ended:
             raise ValueError("insert_started takes a running record")
         values = to_row(record)
         sql = f"INSERT INTO runs ({COLUMNS}) VALUES ({', '.join('?' * len(values))})"
+        if if_absent:
+            sql += " ON CONFLICT (run_id) DO NOTHING"
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(sql, values)
@@ -360,35 +365,3 @@ async def open_sqlite_store(
         yield store
     finally:
         await store.aclose()
-
-
-# --- crash recovery (worker thread) ---------------------------------------------
-
-
-def _recover_at_open(db: sqlite3.Connection, *, now: float) -> tuple[int, set[str]]:
-    """Mark the runs a crash left ``running`` as interrupted; if the store
-    refuses the write (a full disk), read which they are instead, so the
-    store still opens (reads work) and marks them once it takes writes."""
-    try:
-        rowcount: int = db.execute(
-            "UPDATE runs SET status = 'interrupted', cancel_reason = ?, finished_at = ?"
-            " WHERE finished_at IS NULL AND status = 'running'",
-            (CRASH_RECOVERY, now),
-        ).rowcount
-    except sqlite3.OperationalError as exc:
-        logger.error("run_store_failed op=recover error=%r", exc)
-        rows = db.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()
-        return 0, {run_id for (run_id,) in rows}
-    return rowcount, set()
-
-
-def _mark_interrupted(db: sqlite3.Connection, *, run_ids: tuple[str, ...], now: float) -> int:
-    marked = 0
-    with transaction(db):
-        for run_id in run_ids:
-            marked += db.execute(
-                "UPDATE runs SET status = 'interrupted', cancel_reason = ?, finished_at = ?"
-                " WHERE run_id = ? AND status = 'running'",
-                (CRASH_RECOVERY, now, run_id),
-            ).rowcount
-    return marked
