@@ -19,7 +19,8 @@ the observer's own task: it tries the oldest pending write every
 :data:`RETRY_MIN_INTERVAL` seconds, doubling up to :data:`RETRY_MAX_INTERVAL`
 while the store refuses, and at once after a run's own terminal write
 succeeds (the store takes writes again); then it writes the rest, oldest
-first. :meth:`flush` tries all of them once more before the store closes. So
+first (a write that failed for another reason does not hold up the rest).
+:meth:`flush` tries all of them once more before the store closes. So
 every run ends up in the store, with its real status, within
 :data:`RETRY_MAX_INTERVAL` seconds of the store taking writes again (runs a
 crash left ``running`` that the store could not mark at open, too).
@@ -253,8 +254,8 @@ class StoreObserver:
 
     async def _retry_pending(self) -> bool:
         """Deferred crash recovery, starts of live runs, then terminal
-        writes the store refused earlier, oldest first; stop at the first
-        that fails. True if nothing is left pending."""
+        writes kept earlier, oldest first; each once, stopping at the first
+        the store refuses for now. True if nothing is left pending."""
         if self.store.unrecovered:
             try:
                 await self.store.recover_deferred()
@@ -273,15 +274,19 @@ class StoreObserver:
                 logger.error("run_store_gave_up run=%s status=running reason=%r", run_id, exc)
             if self._unrecorded.get(run_id) is record:
                 del self._unrecorded[run_id]
-        while self._unfinished:
-            write = self._take(next(iter(self._unfinished)))
+        for run_id in list(self._unfinished):
+            if run_id not in self._unfinished:
+                continue  # discarded meanwhile
+            write = self._take(run_id)
             try:
                 await self._write(write)
             except Exception as exc:
                 # Not a run's own write: its failure stays with its own run.
                 logger.warning("run %s: terminal status still not recorded: %r", write.run_id, exc)
                 self._keep(write, exc)
-                return False
+                if isinstance(exc, StoreWriteError) and exc.transient:
+                    return False
+                continue
             except BaseException:
                 self._keep(write)
                 raise
@@ -291,8 +296,9 @@ class StoreObserver:
                 write.status.value,
                 write.attempts,
             )
-        if not (self.store.unrecovered or self._unrecorded):
-            self._pending = trio.Event()
+        if self._unfinished or self._unrecorded or self.store.unrecovered:
+            return False
+        self._pending = trio.Event()
         return True
 
     async def run_discarded(self, run: Run) -> None:

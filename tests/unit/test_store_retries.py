@@ -25,6 +25,8 @@ class RefusingStore:
     while ``refusing``."""
 
     refusing: bool = False
+    # Runs whose terminal write fails for good (no row to finish, say).
+    broken: set[str] = attrs.field(factory=set)
     rows: dict[str, str] = attrs.field(factory=dict)
     # (operation, trio time) of every call.
     calls: list[tuple[str, float]] = attrs.field(factory=list)
@@ -48,6 +50,8 @@ class RefusingStore:
 
     async def finish(self, run_id: str, *, status: RunStatus, **fields: Any) -> None:
         await self._call("finish")
+        if run_id in self.broken:
+            raise StoreWriteError("finish")
         self.rows[run_id] = status.value
         self.finished.set()
 
@@ -156,3 +160,19 @@ async def test_pending_writes_are_bounded_oldest_given_up_first(
     store.refusing = False
     await observer.flush()
     assert store.rows == dict.fromkeys(("r2", "r3", "r4"), "completed")
+
+
+async def test_a_write_that_fails_for_good_holds_up_no_other_and_is_given_up(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = RefusingStore(refusing=True, broken={"broken"})
+    observer = StoreObserver(store)  # type: ignore[arg-type]
+    await end(observer, "broken")  # oldest: tried first every time
+    await end(observer, "r2")
+    store.refusing = False
+    await observer.flush()
+    assert store.rows == {"r2": "completed"}
+    assert observer.unfinished == 1
+    for _ in range(observer_module.TERMINAL_WRITE_ATTEMPTS):
+        await observer.flush()
+    assert observer.unfinished == 0  # given up
