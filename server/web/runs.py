@@ -175,8 +175,12 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
             try:
                 stored = await state.store.recent_for_session(principal, session_id, RECENT_RUNS)
             except StoreError as exc:
-                info = exc.error_info
-                raise ApiError(503, info.code, info.message, headers={"Retry-After": "1"}) from None
+                if not recent:
+                    info = exc.error_info
+                    raise ApiError(
+                        503, info.code, info.message, headers={"Retry-After": "1"}
+                    ) from None
+                stored = []  # what memory holds will do
             known = {run.run_id for run in live}
             recent += [stored_record(record) for record in stored if record.run_id not in known]
             del recent[RECENT_RUNS:]
