@@ -24,6 +24,19 @@ def _env_name(flag: str) -> str:
     return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
 
 
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off", ""})
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"expected 1/true/yes/on or 0/false/no/off, got {text!r}")
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     defaults = Settings()
     parser = argparse.ArgumentParser(
@@ -40,6 +53,22 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             # A string default goes through ``type`` like a typed flag, so a
             # bad environment value is a usage error naming the flag.
             default=env if env is not None else default,
+            help=f"{help_text} (default: %(default)s; env {_env_name(flag)})",
+        )
+
+    def switch(flag: str, default: bool, help_text: str) -> None:
+        """``--flag`` / ``--no-flag``; the environment variable takes
+        1/true/yes/on or 0/false/no/off."""
+        env = environ.get(_env_name(flag))
+        if env is not None:
+            try:
+                default = _parse_bool(env)
+            except ValueError as exc:
+                parser.error(f"{_env_name(flag)}: {exc}")
+        parser.add_argument(
+            flag,
+            action=argparse.BooleanOptionalAction,
+            default=default,
             help=f"{help_text} (default: %(default)s; env {_env_name(flag)})",
         )
 
@@ -112,6 +141,11 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         defaults.data_dir,
         "directory of the run store (runs.sqlite3); '' keeps records in memory only",
     )
+    switch(
+        "--store-prompts",
+        defaults.store_prompts,
+        "keep each run's prompt in the run store (off: only who, when, how it ended, the answer)",
+    )
     option("--retain-runs", int, defaults.retain_runs, "ended runs kept for reattach")
     option("--retain-seconds", float, defaults.retain_seconds, "seconds an ended run is kept")
     option(
@@ -180,6 +214,7 @@ def parse_settings(
             send_timeout=args.send_timeout,
             coalesce_ms=args.coalesce_ms,
             data_dir=args.data_dir,
+            store_prompts=args.store_prompts,
             retain_runs=args.retain_runs,
             retain_seconds=args.retain_seconds,
             retain_bytes=args.retain_bytes,

@@ -51,6 +51,8 @@ class Settings:
     coalesce_ms: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
     # The run store (SQLite) lives here; "" keeps run records in memory only.
     data_dir: str = "data"
+    # Keep each run's prompt in the run store (off: the prompt column is NULL).
+    store_prompts: bool = False
     # Ended runs whose events stay available for reattach (then 410).
     retain_runs: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
     retain_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))

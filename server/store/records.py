@@ -50,7 +50,8 @@ class RunRecord:
     run_id: str = attrs.field(validator=attrs.validators.min_len(1))
     principal: str
     session_id: str
-    prompt: str
+    # None unless the server stores prompts (--store-prompts).
+    prompt: str | None
     agent: str
     status: RunStatus = attrs.field(converter=RunStatus)
     created_at: float
@@ -82,9 +83,13 @@ class StoreError(ObserverError):
     code = "store_error"
     message = "The run store failed."
 
-    def __init__(self, operation: str) -> None:
+    def __init__(self, operation: str, *, transient: bool = False) -> None:
         super().__init__(self.message)
         self.operation = operation
+        # The store refused for now (disk full, I/O error, locked): the same
+        # call may succeed later. Not transient: it never will (no such row,
+        # a constraint, the store closed).
+        self.transient = transient
 
     @property
     def error_info(self) -> ErrorInfo:  # reported as error_details by the engine

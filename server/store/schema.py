@@ -55,7 +55,40 @@ _V1 = (
     "CREATE INDEX runs_by_finish ON runs (finished_at)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+# Version 2: ``prompt`` may be NULL: prompts are not stored unless the
+# operator asks (--store-prompts). SQLite cannot drop a NOT NULL, so the
+# table is rebuilt (the documented ALTER TABLE procedure); prompts already
+# stored are kept as they are (docs/operations.md says how to clear them).
+_V2 = (
+    f"""
+    CREATE TABLE runs_v2 (
+        run_id            TEXT PRIMARY KEY NOT NULL,
+        principal         TEXT NOT NULL,
+        session_id        TEXT NOT NULL,
+        prompt            TEXT,
+        agent             TEXT NOT NULL,
+        status            TEXT NOT NULL CHECK (status IN ({_STATUSES})),
+        cancel_reason     TEXT CHECK (cancel_reason IN ({_REASONS})),
+        output_text       TEXT NOT NULL DEFAULT '',
+        prompt_tokens     INTEGER CHECK (prompt_tokens >= 0),
+        completion_tokens INTEGER CHECK (completion_tokens >= 0),
+        created_at        REAL NOT NULL,
+        finished_at       REAL,
+        error_code        TEXT,
+        error_message     TEXT,
+        CHECK ((status = 'running') = (finished_at IS NULL)),
+        CHECK (cancel_reason IS NULL OR status IN ('cancelled', 'interrupted')),
+        CHECK ((prompt_tokens IS NULL) = (completion_tokens IS NULL)),
+        CHECK ((error_code IS NULL) = (error_message IS NULL))
+    )
+    """,
+    "INSERT INTO runs_v2 SELECT * FROM runs",
+    "DROP TABLE runs",
+    "ALTER TABLE runs_v2 RENAME TO runs",
+    *_V1[1:],
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -1,83 +1,48 @@
 """The embedded run store: one SQLite file, ``runs.sqlite3`` in the data directory.
 
-Threading: the trio thread never touches SQLite. The store has ONE
-connection (``check_same_thread=False``) and ONE :class:`trio.CapacityLimiter`
-of 1; every call is ``trio.to_thread.run_sync(..., limiter=that limiter)``.
-So calls run one at a time, in the order they were made: the limiter is
-taken without a schedule point when free and handed over first-in,
-first-out when not, and nothing awaits before it in :meth:`_call`.
+What is asked of it (the queries) lives here; how a call reaches SQLite (one
+connection, one worker thread at a time, in order; the data directory's
+lock; closing) lives in :mod:`.connection`, whose docstring says how
+threads, cancellation and failures are handled.
 
-Cancellation: a call still waiting for its turn is cancelled at once. A
-call that is running in its thread is waited for (``abandon_on_cancel``
-stays False), so its outcome is always known and no thread outlives the
-call; SQLite's ``busy_timeout`` bounds how long it can wait on a lock, so
-keep it below the cleanup budget.
-
-Resource handling: :meth:`SqliteRunStore.open` creates the data directory,
-takes an exclusive lock on it (crash recovery is only right if no other
-live process writes this database), opens the connection in WAL mode,
-migrates the schema and marks runs left ``running`` by a crash as
-``interrupted`` / ``crash_recovery``. :meth:`~SqliteRunStore.aclose` stops
-taking calls, lets the ones already made finish (for up to
-``close_timeout``; after that the running statement is interrupted, a lock
-wait ends within ``busy_timeout`` and the queued calls fail), closes the
-connection and releases the lock. No store thread outlives ``aclose``.
+Resource handling: :meth:`SqliteRunStore.open` opens the connection (see
+:meth:`.StoreConnection.open`) and marks runs left ``running`` by a crash as
+``interrupted`` / ``crash_recovery``. :meth:`~SqliteRunStore.aclose` runs
+the ``before_close`` hooks (the observer's pending writes), then closes the
+connection. No store thread outlives ``aclose``.
 
 Error handling: any SQLite failure is logged with its real text and raised
 as :class:`StoreWriteError` or :class:`StoreReadError`, whose message is
-client-safe. The connection runs in autocommit mode; multi-statement writes
-are explicit transactions that roll back on failure, so one failed call
-leaves the store usable for the next.
+client-safe; one failed call leaves the store usable for the next.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sqlite3
-import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import attrs
 import trio
 
 from ..core.events import CancelReason, RunStatus, Usage
-from .records import (
-    CRASH_RECOVERY,
-    RunRecord,
-    StoreError,
-    StoreOpenError,
-    StoreReadError,
-    StoreWriteError,
-)
-from .schema import SCHEMA_VERSION, SchemaTooNew, migrate
+from .connection import DB_FILE as DB_FILE
+from .connection import LOCK_FILE as LOCK_FILE
+from .connection import THREAD_NAME as THREAD_NAME
+from .connection import NoRow, StoreConnection, transaction
+from .records import CRASH_RECOVERY, RunRecord
+from .recovery import mark_interrupted, recover_at_open
+from .rows import COLUMNS, PROBE, to_record, to_row
+from .schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
 
-DB_FILE = "runs.sqlite3"
-LOCK_FILE = "runs.sqlite3.lock"
-# The name a worker thread carries while it runs a store call.
-THREAD_NAME = "run-store"
-
 T = TypeVar("T")
-
-_COLUMNS = (
-    "run_id, principal, session_id, prompt, agent, status, cancel_reason, output_text,"
-    " prompt_tokens, completion_tokens, created_at, finished_at, error_code, error_message"
-)
-
-
-class _NoRow(Exception):
-    """A write found no row to change (raised and caught inside the store)."""
-
-
-class _Closing(Exception):
-    """The store gave up on queued calls while closing."""
 
 
 @attrs.define(eq=False)
@@ -90,18 +55,12 @@ class SqliteRunStore:
     recovered: int
     # Wall clock (UNIX seconds) for the timestamps the store fills in.
     clock: Callable[[], float]
-    close_timeout: float
-    _connection: sqlite3.Connection = attrs.field(alias="connection")
-    _lock_fd: int | None = attrs.field(alias="lock_fd")
-    _limiter: trio.CapacityLimiter = attrs.field(
-        factory=lambda: trio.CapacityLimiter(1), init=False
-    )
-    _closing: bool = attrs.field(default=False, init=False)
-    # Read from worker threads: queued calls fail instead of running.
-    _abandon_queue: bool = attrs.field(default=False, init=False)
-    _closed: trio.Event = attrs.field(factory=trio.Event, init=False)
-    # Writes that failed (the store_write_failures metric).
-    write_failures: int = attrs.field(default=0, init=False)
+    _connection: StoreConnection = attrs.field(alias="connection")
+    # Crash recovery found these ``running`` at open but could not write
+    # (the disk was full): marked later by recover_deferred.
+    _unrecovered: set[str] = attrs.field(factory=set, alias="unrecovered")
+    # Wall clock at open: the finished_at crash recovery writes.
+    opened_at: float = 0.0
     # Awaited by aclose before it stops taking calls (the observer's pending writes).
     before_close: list[Callable[[], Awaitable[None]]] = attrs.field(factory=list, init=False)
 
@@ -119,45 +78,86 @@ class SqliteRunStore:
         """Open (creating, migrating and recovering) the store in ``data_dir``.
 
         Raises :class:`StoreOpenError` with an operator-readable reason."""
-        data_dir = Path(data_dir)
-        opened = await trio.to_thread.run_sync(
-            partial(_open_sync, data_dir, busy_timeout=busy_timeout, now=clock()),
-            thread_name=THREAD_NAME,
+        now = clock()
+        connection, (recovered, unrecovered) = await StoreConnection.open(
+            Path(data_dir),
+            partial(recover_at_open, now=now),
+            busy_timeout=busy_timeout,
+            close_timeout=close_timeout,
         )
-        connection, lock_fd, applied, recovered = opened
         store = cls(
-            path=data_dir / DB_FILE,
+            path=connection.path,
             recovered=recovered,
             clock=clock,
-            close_timeout=close_timeout,
             connection=connection,
-            lock_fd=lock_fd,
+            unrecovered=unrecovered,
+            opened_at=now,
         )
         logger.info(
             "run_store_open path=%s schema_version=%d migrated=%s recovered=%d",
             store.path,
             SCHEMA_VERSION,
-            ",".join(map(str, applied)) or "none",
+            ",".join(map(str, connection.migrated)) or "none",
             recovered,
         )
         if recovered:
             logger.warning(
                 "run_store_crash_recovery interrupted=%d reason=%s", recovered, CRASH_RECOVERY
             )
+        if unrecovered:
+            logger.warning(
+                "run_store_crash_recovery_deferred running=%d: the store refused the write"
+                " (retried until it takes it)",
+                len(unrecovered),
+            )
         return store
 
     @property
+    def unrecovered(self) -> int:
+        """Runs a crash left ``running`` that the store could not mark at open."""
+        return len(self._unrecovered)
+
+    async def recover_deferred(self) -> int:
+        """Mark the runs :attr:`unrecovered` at open as interrupted now (with
+        the open's time); the number marked. Raises :class:`StoreWriteError`
+        while the store still refuses."""
+        if not self._unrecovered:
+            return 0
+        run_ids = tuple(self._unrecovered)
+        recovered = await self._call(
+            "recover", partial(mark_interrupted, run_ids=run_ids, now=self.opened_at), write=True
+        )
+        self._unrecovered.difference_update(run_ids)
+        self.recovered += recovered
+        logger.warning(
+            "run_store_crash_recovery interrupted=%d reason=%s (deferred)",
+            recovered,
+            CRASH_RECOVERY,
+        )
+        return recovered
+
+    @property
     def closed(self) -> bool:
-        return self._closed.is_set()
+        return self._connection.closed
+
+    @property
+    def close_timeout(self) -> float:
+        return self._connection.close_timeout
+
+    @property
+    def write_failures(self) -> int:
+        """Writes that failed (the store_write_failures metric)."""
+        return self._connection.write_failures
 
     async def aclose(self) -> None:
-        """Stop taking calls, finish the ones already made, close.
+        """Run the ``before_close`` hooks, stop taking calls, finish the ones
+        already made, close.
 
-        Shielded: completes even when the caller is cancelled. Bounded: after
-        ``close_timeout`` the running statement is interrupted and calls still
-        queued fail with a store error."""
-        if self._closing:
-            await self._closed.wait()
+        Shielded: completes even when the caller is cancelled. Bounded: the
+        hooks by ``close_timeout``; then, after ``close_timeout``, the running
+        statement is interrupted and calls still queued fail with a store error."""
+        if self._connection.closing:
+            await self._connection.wait_closed()
             return
         with trio.move_on_after(self.close_timeout, shield=True):
             for hook in self.before_close:
@@ -165,47 +165,20 @@ class SqliteRunStore:
                     await hook()
                 except Exception:
                     logger.exception("run_store_before_close_failed")
-        self._closing = True
-        try:
-            with trio.CancelScope(shield=True):
-                # Queued behind every call already made (the limiter is FIFO).
-                with trio.move_on_after(self.close_timeout):
-                    await self._close_in_turn()
-                    return
-                logger.warning(
-                    "run_store_close_timeout timeout_s=%s: interrupting calls in flight",
-                    self.close_timeout,
-                )
-                self._abandon_queue = True
-                self._connection.interrupt()
-                await self._close_in_turn()
-        finally:
-            self._closed.set()
-
-    async def _close_in_turn(self) -> None:
-        await trio.to_thread.run_sync(
-            self._close_sync, limiter=self._limiter, thread_name=THREAD_NAME
-        )
-        logger.info("run_store_closed path=%s", self.path)
-
-    def _close_sync(self) -> None:
-        try:
-            self._connection.close()
-        except sqlite3.Error as exc:
-            logger.error("run_store_close_failed error=%r", exc)
-        finally:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+        await self._connection.aclose()
 
     # --- writes ------------------------------------------------------------
 
-    async def insert_started(self, record: RunRecord) -> None:
-        """Record a run that has just started (``status`` must be running)."""
+    async def insert_started(self, record: RunRecord, *, if_absent: bool = False) -> None:
+        """Record a run that has just started (``status`` must be running).
+        A row with the same run id is an error, or with ``if_absent`` left
+        as it is (a retry of an insert whose outcome is not known)."""
         if record.ended:
             raise ValueError("insert_started takes a running record")
-        values = _row(record)
-        sql = f"INSERT INTO runs ({_COLUMNS}) VALUES ({', '.join('?' * len(values))})"
+        values = to_row(record)
+        sql = f"INSERT INTO runs ({COLUMNS}) VALUES ({', '.join('?' * len(values))})"
+        if if_absent:
+            sql += " ON CONFLICT (run_id) DO NOTHING"
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(sql, values)
@@ -232,7 +205,7 @@ class SqliteRunStore:
             finished_at = self.clock()
         # Validate as a record would be, before touching the database.
         attrs.evolve(
-            _PROBE,
+            PROBE,
             status=status,
             cancel_reason=None if cancel_reason is None else cancel_reason.value,
             finished_at=finished_at,
@@ -261,7 +234,7 @@ class SqliteRunStore:
             )
             if cursor.rowcount == 0:
                 found = db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-                raise _NoRow(f"run {run_id} " + ("has no row" if found is None else "has ended"))
+                raise NoRow(f"run {run_id} " + ("has no row" if found is None else "has ended"))
 
         await self._call("finish", write, write=True)
 
@@ -301,7 +274,7 @@ class SqliteRunStore:
         cutoff = None if older_than is None else self.clock() - older_than
 
         def write(db: sqlite3.Connection) -> int:
-            with _transaction(db):
+            with transaction(db):
                 deleted = db.execute(
                     "DELETE FROM runs WHERE run_id IN ("
                     " SELECT run_id FROM runs WHERE finished_at IS NOT NULL"
@@ -341,13 +314,13 @@ class SqliteRunStore:
         rows = await self._call(
             "recent_for_session",
             lambda db: db.execute(
-                f"SELECT {_COLUMNS} FROM runs WHERE principal = ? AND session_id = ?"
+                f"SELECT {COLUMNS} FROM runs WHERE principal = ? AND session_id = ?"
                 " ORDER BY created_at DESC, rowid DESC LIMIT ?",
                 (principal, session_id, limit),
             ).fetchall(),
             write=False,
         )
-        return [_record(row) for row in rows]
+        return [to_record(row) for row in rows]
 
     async def count_by_status(self) -> dict[RunStatus, int]:
         rows = await self._call(
@@ -362,36 +335,17 @@ class SqliteRunStore:
     async def _one(self, operation: str, where: str, params: tuple[str, ...]) -> RunRecord | None:
         row = await self._call(
             operation,
-            lambda db: db.execute(f"SELECT {_COLUMNS} FROM runs WHERE {where}", params).fetchone(),
+            lambda db: db.execute(f"SELECT {COLUMNS} FROM runs WHERE {where}", params).fetchone(),
             write=False,
         )
-        return None if row is None else _record(row)
+        return None if row is None else to_record(row)
 
     # --- the one way in ----------------------------------------------------
 
     async def _call(
         self, operation: str, fn: Callable[[sqlite3.Connection], T], *, write: bool
     ) -> T:
-        # No await before to_thread.run_sync: the order of calls is the
-        # order they reach the limiter.
-        failure: type[StoreError] = StoreWriteError if write else StoreReadError
-        if self._closing:
-            logger.error("run_store_failed op=%s error=store closed", operation)
-            self.write_failures += write
-            raise failure(operation)
-        try:
-            return await trio.to_thread.run_sync(
-                self._in_thread, fn, limiter=self._limiter, thread_name=THREAD_NAME
-            )
-        except (sqlite3.Error, _NoRow, _Closing) as exc:
-            logger.error("run_store_failed op=%s error=%r", operation, exc)
-            self.write_failures += write
-            raise failure(operation) from exc
-
-    def _in_thread(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        if self._abandon_queue:
-            raise _Closing("store closed before this call ran")
-        return fn(self._connection)
+        return await self._connection.call(operation, fn, write=write)
 
 
 @asynccontextmanager
@@ -411,153 +365,3 @@ async def open_sqlite_store(
         yield store
     finally:
         await store.aclose()
-
-
-# --- helpers (worker thread) --------------------------------------------------
-
-# A valid record to evolve when checking finish()'s arguments.
-_PROBE = RunRecord(
-    run_id="probe",
-    principal="",
-    session_id="",
-    prompt="",
-    agent="",
-    status=RunStatus.RUNNING,
-    created_at=0.0,
-)
-
-
-@contextmanager
-def _transaction(db: sqlite3.Connection) -> Iterator[None]:
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if db.in_transaction:
-            db.execute("ROLLBACK")
-        raise
-    db.execute("COMMIT")
-
-
-def _row(record: RunRecord) -> tuple[Any, ...]:
-    return (
-        record.run_id,
-        record.principal,
-        record.session_id,
-        record.prompt,
-        record.agent,
-        record.status.value,
-        record.cancel_reason,
-        record.text,
-        None if record.usage is None else record.usage.prompt_tokens,
-        None if record.usage is None else record.usage.completion_tokens,
-        record.created_at,
-        record.finished_at,
-        record.error_code,
-        record.error_message,
-    )
-
-
-def _record(row: tuple[Any, ...]) -> RunRecord:
-    (
-        run_id,
-        principal,
-        session_id,
-        prompt,
-        agent,
-        status,
-        cancel_reason,
-        text,
-        prompt_tokens,
-        completion_tokens,
-        created_at,
-        finished_at,
-        error_code,
-        error_message,
-    ) = row
-    return RunRecord(
-        run_id=run_id,
-        principal=principal,
-        session_id=session_id,
-        prompt=prompt,
-        agent=agent,
-        status=RunStatus(status),
-        cancel_reason=cancel_reason,
-        text=text,
-        usage=None
-        if prompt_tokens is None
-        else Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens),
-        created_at=created_at,
-        finished_at=finished_at,
-        error_code=error_code,
-        error_message=error_message,
-    )
-
-
-def _open_sync(
-    data_dir: Path, *, busy_timeout: float, now: float
-) -> tuple[sqlite3.Connection, int | None, list[int], int]:
-    """Directory, lock, connection, pragmas, migrations, crash recovery; on
-    any failure, release what was taken and raise :class:`StoreOpenError`."""
-    try:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock_data_dir(data_dir)
-    except OSError as exc:
-        raise StoreOpenError("open", f"cannot use data directory {data_dir}: {exc}") from exc
-    try:
-        connection = sqlite3.connect(
-            data_dir / DB_FILE, check_same_thread=False, isolation_level=None
-        )
-        try:
-            connection.execute(f"PRAGMA busy_timeout = {round(busy_timeout * 1000):d}")
-            mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                logger.warning("run_store_journal_mode mode=%s (WAL not available here)", mode)
-            connection.execute("PRAGMA synchronous = NORMAL")
-            applied = migrate(connection)
-            recovered = connection.execute(
-                "UPDATE runs SET status = 'interrupted', cancel_reason = ?, finished_at = ?"
-                " WHERE finished_at IS NULL AND status = 'running'",
-                (CRASH_RECOVERY, now),
-            ).rowcount
-        except BaseException:
-            connection.close()
-            raise
-    except SchemaTooNew as exc:
-        _unlock(lock_fd)
-        raise StoreOpenError(
-            "open", f"{data_dir / DB_FILE} was written by a newer server ({exc})"
-        ) from exc
-    except sqlite3.Error as exc:
-        _unlock(lock_fd)
-        raise StoreOpenError("open", f"cannot open {data_dir / DB_FILE}: {exc}") from exc
-    except BaseException:
-        _unlock(lock_fd)
-        raise
-    return connection, lock_fd, applied, recovered
-
-
-def _lock_data_dir(data_dir: Path) -> int | None:
-    """Hold an exclusive lock on the data directory while the store is open:
-    crash recovery marks every ``running`` row interrupted, which is only
-    right when no other live process writes this database. The OS drops the
-    lock when the process dies. (No lock on Windows.)"""
-    if sys.platform == "win32":
-        return None
-    import fcntl
-
-    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OSError(f"{data_dir} is in use by another server process") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _unlock(lock_fd: int | None) -> None:
-    if lock_fd is not None:
-        os.close(lock_fd)

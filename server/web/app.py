@@ -82,7 +82,10 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         if settings.data_dir:
             # Opening marks rows a crash left running as interrupted.
             state.store = await SqliteRunStore.open(Path(settings.data_dir))
-            observer = StoreObserver(state.store)
+            store_observer = StoreObserver(state.store, store_prompts=settings.store_prompts)
+            # Retries the writes the store refused (a full disk); ends when the store closes.
+            await app.nursery.start(store_observer.serve)
+            observer = store_observer
             state.retention = Retention(store=state.store)
             await app.nursery.start(state.retention.serve)
         manager = SessionManager(

@@ -163,20 +163,39 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
         return jsonify(run_record(found))
 
     @app.get("/v1/sessions/<session_id>")
-    async def get_session(session_id: str) -> Response:  # noqa: ASYNC124
+    async def get_session(session_id: str) -> Response:
+        """Runs in memory first (this process's, newest first), then older
+        ones from the store (before a restart, or past in-memory retention)."""
         principal = state.keyring.authenticate(request.headers.get("Authorization"))
         parse_session_id(session_id)
         manager = state.running_manager()
-        recent = manager.runs.for_session(principal, session_id, RECENT_RUNS)
+        live = manager.runs.for_session(principal, session_id, RECENT_RUNS)
+        recent = [run_record(run) for run in live]
+        if len(recent) < RECENT_RUNS and state.store is not None:
+            try:
+                stored = await state.store.recent_for_session(principal, session_id, RECENT_RUNS)
+            except StoreError as exc:
+                if not recent:
+                    info = exc.error_info
+                    raise ApiError(
+                        503, info.code, info.message, headers={"Retry-After": "1"}
+                    ) from None
+                stored = []  # what memory holds will do
+            known = {run.run_id for run in live}
+            recent += [stored_record(record) for record in stored if record.run_id not in known]
+            del recent[RECENT_RUNS:]
         session = manager.find_session(principal, session_id)
-        current = session.current if session is not None else (recent[0] if recent else None)
-        if current is None:
+        if session is not None and session.current is not None:
+            current = {"id": session.current.run_id, "status": session.current.status.value}
+        elif recent:
+            current = {"id": recent[0]["id"], "status": recent[0]["status"]}
+        else:
             raise ApiError(404, "session_not_found", "No such session.")
         return jsonify(
             {
                 "id": session_id,
                 "object": "session",
-                "current_run": {"id": current.run_id, "status": current.status.value},
-                "recent_runs": [run_record(run) for run in recent],
+                "current_run": current,
+                "recent_runs": recent,
             }
         )

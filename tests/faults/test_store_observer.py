@@ -22,7 +22,7 @@ from server.store import (
     StoreWriteError,
     open_sqlite_store,
 )
-from server.store.observer import TERMINAL_WRITE_ATTEMPTS
+from server.store.observer import RETRY_MAX_INTERVAL, TERMINAL_WRITE_ATTEMPTS
 from server.store.sqlite import DB_FILE
 
 
@@ -83,7 +83,7 @@ def locker(tmp_path: Path) -> sqlite3.Connection:
     return sqlite3.connect(tmp_path / DB_FILE, isolation_level=None, check_same_thread=False)
 
 
-async def test_a_refused_terminal_write_lands_after_the_next_successful_one(
+async def test_a_refused_terminal_write_lands_once_the_store_takes_writes_again(
     tmp_path: Path,
 ) -> None:
     async with open_sqlite_store(tmp_path, busy_timeout=0.05) as store:
@@ -92,23 +92,32 @@ async def test_a_refused_terminal_write_lands_after_the_next_successful_one(
         refused = make_run(observer, agent)
         other = locker(tmp_path)
         async with trio.open_nursery() as nursery:
+            await nursery.start(observer.serve)
             await start_recorded(nursery, store, refused)
             other.execute("BEGIN EXCLUSIVE")
             agent.gate.set()  # its terminal write meets the lock
-        assert refused.error_details is not None
-        assert refused.error_details.code == "store_write_failed"
-        record = await store.get(refused.run_id)
-        assert record is not None and record.status is RunStatus.RUNNING
-        assert observer.unfinished == 1
-        other.execute("ROLLBACK")
-        other.close()
+            await refused.wait_ended()
+            assert refused.error_details is not None
+            assert refused.error_details.code == "store_write_failed"
+            record = await store.get(refused.run_id)
+            assert record is not None and record.status is RunStatus.RUNNING
+            assert observer.unfinished == 1
+            other.execute("ROLLBACK")
+            other.close()
 
-        await make_run(observer).run()
+            # No other run ends: the observer's own task lands it.
+            # (Polled: the write lands in the store's thread, which no trio
+            # primitive here can wait for.)
+            with trio.fail_after(2 * RETRY_MAX_INTERVAL):
+                while True:
+                    if not observer.unfinished:
+                        break
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
 
         record = await store.get(refused.run_id)
         assert record is not None and record.status is RunStatus.COMPLETED
         assert record.text == refused.text
-        assert observer.unfinished == 0
 
 
 async def test_pending_terminal_writes_land_before_the_store_closes(tmp_path: Path) -> None:
@@ -188,7 +197,8 @@ async def test_a_write_failing_unexpectedly_is_given_up_and_blames_no_other_run(
         monkeypatch.setattr(SqliteRunStore, "finish", finish_or_fail)
         with pytest.raises(ValueError):
             await observer.run_ended(broken, RunStatus.COMPLETED)
-        # Each later run end retries it; the failure stays with its own run.
+        # Each retry fails it again; the failure stays with its own run.
         for run in healthy:
             await observer.run_ended(run, RunStatus.COMPLETED)
+            await observer.flush()
         assert observer.unfinished == 0  # given up, not retried forever

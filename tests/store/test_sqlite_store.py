@@ -41,7 +41,7 @@ from server.store import (
     StoreWriteError,
     open_sqlite_store,
 )
-from server.store.schema import migrate
+from server.store.schema import MIGRATIONS, migrate
 from server.store.sqlite import DB_FILE, THREAD_NAME
 from tests.helpers import FailingAgent
 
@@ -117,11 +117,11 @@ async def test_open_creates_versioned_schema_in_wal_mode(
     async with open_sqlite_store(data_dir) as store:
         assert store.path == data_dir / DB_FILE
         assert store.recovered == 0
-    assert "migrated=1 " in caplog.text
+    assert "migrated=1,2 " in caplog.text
 
     db = raw(data_dir)
-    assert SCHEMA_VERSION == 1
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert SCHEMA_VERSION == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"runs_by_session", "runs_by_finish"} <= indexes
@@ -141,7 +141,36 @@ async def test_reopen_migrates_nothing_twice(
     assert "migrated=none " in caplog.text
     db = raw(tmp_path)
     assert migrate(db) == []
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.close()
+
+
+async def test_version_1_database_migrates_to_nullable_prompts_keeping_its_rows(
+    tmp_path: Path,
+) -> None:
+    db = raw(tmp_path)
+    db.execute("BEGIN")
+    for statement in MIGRATIONS[0]:
+        db.execute(statement)
+    db.execute("PRAGMA user_version = 1")
+    db.execute(
+        "INSERT INTO runs (run_id, principal, session_id, prompt, agent, status, created_at,"
+        " finished_at, output_text) VALUES ('old', ?, 's1', 'an old prompt', 'scripted',"
+        " 'completed', 1, 2, 'an answer')",
+        (ALICE,),
+    )
+    db.execute("COMMIT")
+    db.close()
+    async with open_sqlite_store(tmp_path) as store:
+        old = await store.get("old")
+        await store.insert_started(attrs.evolve(started("new"), prompt=None))
+        new = await store.get("new")
+    assert old is not None and (old.prompt, old.text) == ("an old prompt", "an answer")
+    assert new is not None and new.prompt is None
+    db = raw(tmp_path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert {"runs_by_session", "runs_by_finish"} <= indexes
     db.close()
 
 
@@ -602,15 +631,18 @@ def make_run(
     )
 
 
-async def test_observer_records_a_completed_run(store: SqliteRunStore) -> None:
-    observer = StoreObserver(store)
+@pytest.mark.parametrize(("store_prompts", "prompt"), [(False, None), (True, "tell me a story")])
+async def test_observer_records_a_completed_run(
+    store: SqliteRunStore, store_prompts: bool, prompt: str | None
+) -> None:
+    observer = StoreObserver(store, store_prompts=store_prompts)
     run = make_run(ScriptedAgent(token_delay=0, reply_words=5), observer)
     async with trio.open_nursery() as nursery:
         await start_run(nursery, observer, run)
     record = await store.get_for_principal(ALICE, run.run_id)
     assert record is not None
     assert record.status is RunStatus.COMPLETED
-    assert (record.prompt, record.agent, record.session_id) == ("tell me a story", "scripted", "s1")
+    assert (record.prompt, record.agent, record.session_id) == (prompt, "scripted", "s1")
     assert record.text == run.text and record.text.startswith("You said: tell me a")
     assert record.usage == Usage(prompt_tokens=4, completion_tokens=5)
     assert record.cancel_reason is None and record.finished_at is not None

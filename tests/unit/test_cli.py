@@ -33,6 +33,23 @@ def test_environment_mirrors_flags_and_flags_win() -> None:
 
 
 @pytest.mark.parametrize(
+    ("argv", "environ", "expected"),
+    [
+        ([], {}, False),
+        (["--store-prompts"], {}, True),
+        ([], {"STREAM_SERVER_STORE_PROMPTS": "1"}, True),
+        ([], {"STREAM_SERVER_STORE_PROMPTS": " Yes "}, True),
+        ([], {"STREAM_SERVER_STORE_PROMPTS": "off"}, False),
+        (["--no-store-prompts"], {"STREAM_SERVER_STORE_PROMPTS": "true"}, False),
+    ],
+)
+def test_store_prompts_is_a_switch_mirrored_by_the_environment(
+    argv: list[str], environ: dict[str, str], expected: bool
+) -> None:
+    assert parse_settings(argv, environ=environ).store_prompts is expected
+
+
+@pytest.mark.parametrize(
     ("argv", "environ", "message"),
     [
         (["--host", "0.0.0.0"], {}, "refusing to bind 0.0.0.0 with the dev key"),
@@ -45,6 +62,7 @@ def test_environment_mirrors_flags_and_flags_win() -> None:
         (["--port", "70000"], {}, "port"),
         ([], {"STREAM_SERVER_PORT": "eighty"}, "--port: invalid int value: 'eighty'"),
         (["--token-delay", "soon"], {}, "invalid float value"),
+        ([], {"STREAM_SERVER_STORE_PROMPTS": "maybe"}, "STREAM_SERVER_STORE_PROMPTS: expected"),
     ],
 )
 def test_bad_configuration_is_a_usage_error_not_a_traceback(
