@@ -166,9 +166,13 @@ class SessionManager:
             if created:
                 await self._start_session(session)
             run = await session.submit(request, ticket, on_conflict=on_conflict)
+            self.runs.add(principal, run)
+            # Its start recorded, run.started out: only now may the client
+            # learn its id. Still in line meanwhile, so the session is busy
+            # and the next prompt waits its turn.
+            await run.wait_started()
         finally:
             session.leave(ticket)
-        self.runs.add(principal, run)
         return run
 
     def find_session(self, principal: str, session_id: str) -> Session | None:

@@ -179,6 +179,7 @@ class Run:
     _message: str | None = attrs.field(default=None, init=False)
     _delta_events: int = attrs.field(default=0, init=False)
     _text_bytes: int = attrs.field(default=0, init=False)
+    _started: trio.Event = attrs.field(factory=trio.Event, init=False)
     _ended: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     # --- queries -----------------------------------------------------------
@@ -237,6 +238,10 @@ class Run:
             lifecycle_event("stream_cancelled", trace=self.run_id, reason=reason.value)
         return True
 
+    async def wait_started(self) -> None:
+        """Until ``run.started`` is in the log (its start recorded first)."""
+        await self._started.wait()
+
     async def wait_ended(self) -> None:
         await self._ended.wait()
 
@@ -259,23 +264,30 @@ class Run:
     # --- the task ----------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Run to the end. Reports started once ``run.started`` is in the log."""
-        self.lifecycle.advance(RunState.RUNNING)
-        self.started_at = trio.current_time()
-        self._producing = True
-        self.log.append(RunStarted(**self._envelope()))
-        lifecycle_event("stream_start", trace=self.run_id, session=self.session_id)
-        if self.cancel_reason is not None:
-            lifecycle_event("stream_cancelled", trace=self.run_id, reason=self.cancel_reason.value)
+        """Run to the end.
+
+        Reports started at once, before any checkpoint: from then on the run
+        belongs to the nursery it was started in, whatever becomes of the
+        caller. It then records its start (the observer's ``run_started``,
+        bounded by the cleanup budget) and only then publishes
+        ``run.started``; :meth:`wait_started` returns after that. So a run
+        id a client can learn is already in the store (a kill -9 cannot lose
+        it); a start that could not be recorded does not stop the run."""
         task_status.started()
+        self.started_at = trio.current_time()
         finished = False
         try:
             with self._cancel_scope:
+                try:
+                    # Inside the run's scope: a run stopped meanwhile records
+                    # its start when it ends instead.
+                    with trio.move_on_after(self.cleanup_budget):
+                        await self._tell_observer(self.observer.run_started(self))
+                finally:
+                    self._publish_started()
                 # Inside the run's own scope: an explicit cancel (outer) wins
                 # over the deadline, and only the deadline is caught here.
                 with trio.move_on_after(self.run_timeout or math.inf) as deadline:
-                    with trio.move_on_after(self.cleanup_budget):
-                        await self._tell_observer(self.observer.run_started(self))
                     async with trio.open_nursery() as nursery:
                         send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
                         nursery.start_soon(self._drive_agent, send_channel)
@@ -452,6 +464,16 @@ class Run:
             self._buffered.clear()
             self._buffered_chars = 0
             self._publish_delta(text)
+
+    def _publish_started(self) -> None:
+        """``run.started`` (seq 0), and the log lines of a run stopped before it."""
+        self.lifecycle.advance(RunState.RUNNING)
+        self._producing = True
+        self.log.append(RunStarted(**self._envelope()))
+        lifecycle_event("stream_start", trace=self.run_id, session=self.session_id)
+        if self.cancel_reason is not None:
+            lifecycle_event("stream_cancelled", trace=self.run_id, reason=self.cancel_reason.value)
+        self._started.set()
 
     def _publish_delta(self, text: str) -> None:
         self.log.append(RunDelta(**self._envelope(), text=text))

@@ -242,7 +242,8 @@ class Session:
         """Start a run for ``request`` once ``ticket``'s turn comes,
         superseding the current run and awaiting its cleanup first.
 
-        Returns once the new run has published ``run.started``. Raises
+        Returns once the new run's task has started (owned by this session's
+        nursery); :meth:`Run.wait_started` says when ``run.started`` is out. Raises
         :class:`Draining` if the server stopped admitting runs while this
         submission waited its turn."""
         admitted_at = trio.current_time()  # the manager admits right before
