@@ -30,20 +30,11 @@ import trio
 from .agent import Agent, AgentRequest
 from .config import EngineConfig
 from .coordinator import Coordinator, InProcessCoordinator
+from .errors import Draining, QueueFull, RunInProgress, SessionClosed, TooManyRuns, TooManySessions
 from .events import CancelReason
-from .limits import TooManyRuns, TooManySessions
 from .registry import RunRegistry
 from .run import NullObserver, Run, RunObserver
-from .session import (
-    Draining,
-    LiveRuns,
-    OnConflict,
-    QueueFull,
-    RunInProgress,
-    Session,
-    SessionClosed,
-    SessionKey,
-)
+from .session import LiveRuns, OnConflict, Session, SessionKey
 
 logger = logging.getLogger(__name__)
 

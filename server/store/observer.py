@@ -1,8 +1,9 @@
 """The engine's :class:`~server.core.run.RunObserver`, backed by the run store.
 
-The engine calls :meth:`StoreObserver.run_started` when a run starts and
-:meth:`StoreObserver.run_ended` inside the run's shielded, bounded cleanup,
-before the terminal event is published. A failed write is logged and
+The engine calls :meth:`StoreObserver.run_started` when a run starts (before
+``run.started`` is published) and :meth:`StoreObserver.run_ended`, with the
+run's :class:`~server.core.result.RunResult`, inside the run's shielded,
+bounded cleanup, before the terminal event is published. A failed write is logged and
 re-raised as :class:`StoreWriteError` (client-safe ``error_info``) for the
 engine to report on the terminal event; :class:`trio.Cancelled` is never
 caught.
@@ -27,7 +28,7 @@ import logging
 
 import attrs
 
-from ..core.events import CancelReason, ErrorInfo, RunStatus, Usage
+from ..core.result import RunResult
 from ..core.run import Run
 from .records import RunRecord, StoreWriteError
 from .sqlite import SqliteRunStore
@@ -42,28 +43,14 @@ RETRIES_PER_RUN_END = 8
 
 
 @attrs.define(eq=False)
-class _TerminalWrite:
-    """A run's terminal status, as it is to be written."""
-
-    run_id: str
-    # The row to insert first, while its start is not in the store.
-    start: RunRecord | None
-    status: RunStatus
-    cancel_reason: CancelReason | None
-    text: str
-    usage: Usage | None
-    error: ErrorInfo | None
-    finished_at: float
-    attempts: int = 0
-
-
-@attrs.define(eq=False)
 class StoreObserver:
     store: SqliteRunStore
     # Started runs whose row is not in the store yet, by run id.
     _unrecorded: dict[str, RunRecord] = attrs.field(factory=dict, init=False)
-    # Ended runs whose terminal status is not in the store yet, oldest first.
-    _unfinished: dict[str, _TerminalWrite] = attrs.field(factory=dict, init=False)
+    # Ended runs whose result is not in the store yet, oldest first ...
+    _unfinished: dict[str, RunResult] = attrs.field(factory=dict, init=False)
+    # ... and how often the store refused each terminal write.
+    _attempts: dict[str, int] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.store.before_close.append(self.flush)
@@ -74,15 +61,7 @@ class StoreObserver:
         return len(self._unfinished)
 
     async def run_started(self, run: Run) -> None:
-        record = RunRecord(
-            run_id=run.run_id,
-            principal=run.principal,
-            session_id=run.session_id,
-            prompt=run.request.prompt,
-            agent=run.agent.name,
-            status=RunStatus.RUNNING,
-            created_at=self.store.clock(),
-        )
+        record = RunRecord.started(run.result, prompt=run.request.prompt)
         try:
             await self.store.insert_started(record)
             self._unrecorded.pop(run.run_id, None)  # recorded after an earlier failure
@@ -95,69 +74,55 @@ class StoreObserver:
             self._unrecorded[run.run_id] = record
             raise
 
-    async def run_ended(self, run: Run, status: RunStatus) -> None:
-        write = _TerminalWrite(
-            run_id=run.run_id,
-            start=self._unrecorded.pop(run.run_id, None),
-            status=status,
-            cancel_reason=(
-                run.cancel_reason
-                if status in (RunStatus.CANCELLED, RunStatus.INTERRUPTED)
-                else None
-            ),
-            text=run.text,
-            usage=run.usage,
-            error=run.error,
-            finished_at=self.store.clock(),
-        )
+    async def run_ended(self, run: Run, result: RunResult) -> None:
         try:
-            await self._write(write)
+            await self._write(result)
         except StoreWriteError:
             logger.warning(
-                "run %s: terminal status %s not recorded (retried later)", run.run_id, status.value
+                "run %s: terminal status %s not recorded (retried later)",
+                result.run_id,
+                result.status.value,
             )
-            self._keep(write)
+            self._keep(result)
             raise
         except BaseException:
             # Cancelled (the cleanup budget ran out) before the write's turn.
-            self._keep(write)
+            self._keep(result)
             raise
+        self._attempts.pop(result.run_id, None)
         await self._retry_unfinished()
 
-    async def _write(self, write: _TerminalWrite) -> None:
+    async def _write(self, result: RunResult) -> None:
+        run_id = result.run_id
         try:
-            if write.start is not None:
-                await self.store.insert_started(write.start)
-                write.start = None  # done: a retry must not insert it twice
-            await self._finish(write)
+            start = self._unrecorded.get(run_id)
+            if start is not None:
+                await self.store.insert_started(start)
+                del self._unrecorded[run_id]  # done: a retry must not insert it twice
+            await self.store.finish(result)
         except Exception:
             # Any failure counts towards giving up (only a cancel before
             # the write's turn does not), so nothing is retried forever.
-            write.attempts += 1
+            self._attempts[run_id] = self._attempts.get(run_id, 0) + 1
             raise
 
-    async def _finish(self, write: _TerminalWrite) -> None:
-        await self.store.finish(
-            write.run_id,
-            status=write.status,
-            cancel_reason=write.cancel_reason,
-            text=write.text,
-            usage=write.usage,
-            error_code=None if write.error is None else write.error.code,
-            error_message=None if write.error is None else write.error.message,
-            finished_at=write.finished_at,
-        )
-
-    def _keep(self, write: _TerminalWrite) -> None:
-        if write.attempts < TERMINAL_WRITE_ATTEMPTS:
-            self._unfinished[write.run_id] = write
+    def _keep(self, result: RunResult) -> None:
+        attempts = self._attempts.get(result.run_id, 0)
+        if attempts < TERMINAL_WRITE_ATTEMPTS:
+            self._unfinished[result.run_id] = result
         else:
+            self._forget(result.run_id)
             logger.error(
                 "run_store_gave_up run=%s status=%s attempts=%d",
-                write.run_id,
-                write.status.value,
-                write.attempts,
+                result.run_id,
+                result.status.value,
+                attempts,
             )
+
+    def _forget(self, run_id: str) -> None:
+        self._unrecorded.pop(run_id, None)
+        self._unfinished.pop(run_id, None)
+        self._attempts.pop(run_id, None)
 
     async def flush(self) -> None:
         """Land every pending terminal write (the store calls this before it
@@ -172,26 +137,25 @@ class StoreObserver:
         for _ in range(limit):
             if not self._unfinished:  # (other run ends retry concurrently)
                 return
-            write = self._unfinished.pop(next(iter(self._unfinished)))
+            result = self._unfinished.pop(next(iter(self._unfinished)))
             try:
-                await self._write(write)
+                await self._write(result)
             except Exception as exc:
                 # Not this run's write: its failure stays with its own run.
-                logger.warning("run %s: terminal status still not recorded: %r", write.run_id, exc)
-                self._keep(write)
+                logger.warning("run %s: terminal status still not recorded: %r", result.run_id, exc)
+                self._keep(result)
                 return
             except BaseException:
-                self._keep(write)
+                self._keep(result)
                 raise
             logger.info(
                 "run_store_recovered run=%s status=%s attempts=%d",
-                write.run_id,
-                write.status.value,
-                write.attempts,
+                result.run_id,
+                result.status.value,
+                self._attempts.pop(result.run_id, 0),
             )
 
     async def run_discarded(self, run: Run) -> None:
         """``rollback``: the superseded run's record and output go."""
-        self._unrecorded.pop(run.run_id, None)
-        self._unfinished.pop(run.run_id, None)
+        self._forget(run.run_id)
         await self.store.delete(run.run_id)
