@@ -17,7 +17,7 @@ import attrs
 import trio
 
 from .events import RunEvent
-from .lifecycle import LifecycleError
+from .errors import LifecycleError
 
 
 @attrs.define(eq=False)
