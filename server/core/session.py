@@ -137,10 +137,11 @@ class Session:
 
     @property
     def idle(self) -> bool:
-        """No submitter, no live run, no reader of the current run."""
+        """No submitter, no run that has not ended (one still recording its
+        start included), no reader of the current run."""
         current = self.current
         return self.users == 0 and (
-            current is None or (not current.alive and current.subscriber_count == 0)
+            current is None or (current.ended and current.subscriber_count == 0)
         )
 
     # --- the session's task -------------------------------------------------
