@@ -16,8 +16,8 @@ from types import TracebackType
 import attrs
 import trio
 
-from .events import RunEvent
 from .errors import LifecycleError
+from .events import RunEvent
 
 
 @attrs.define(eq=False)

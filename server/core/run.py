@@ -102,7 +102,7 @@ class Run:
     session_id: str
     request: AgentRequest
     agent: Agent
-    # Cleanup budget, coalescing and the per-run limits (module docstring).
+    # Cleanup budget, coalescing (the pump's) and the per-run limits.
     config: EngineConfig = attrs.field(factory=EngineConfig)
     principal: str = ""
     observer: RunObserver = attrs.field(factory=NullObserver)
@@ -118,7 +118,7 @@ class Run:
     lifecycle: Lifecycle = attrs.field(factory=Lifecycle, init=False)
     # What went wrong around the run (recording it), reported on its terminal event.
     error_details: ErrorInfo | None = attrs.field(default=None, init=False)
-    # trio clock (durations, ordering) ...
+    # trio clock (durations, ordering): its task started, its terminal event out ...
     started_at: float | None = attrs.field(default=None, init=False)
     ended_at: float | None = attrs.field(default=None, init=False)
     # ... and wall clock (UNIX seconds, for records)
