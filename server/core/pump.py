@@ -1,4 +1,9 @@
-"""The pump: an agent's output numbered into its run's log, deltas coalesced.
+"""Producing a run's answer: the agent ──memory channel──▶ the pump, which
+numbers the agent's output into the run's log, coalescing deltas.
+
+Resource handling: :func:`produce` runs the agent and the pump in a nursery
+of two tasks (inside the run's cancel scope), so cancelling the run reaches
+the agent at its next checkpoint; it returns once the agent is done.
 
 Coalescing: a delta that arrives while no window is open is published at
 once and opens a window of ``coalesce_window`` seconds; deltas arriving
@@ -27,7 +32,9 @@ import math
 import attrs
 import trio
 
+from .agent import Agent, AgentRequest
 from .config import EngineConfig
+from .errors import AgentError
 from .eventlog import EventLog
 from .events import (
     AgentOutput,
@@ -40,6 +47,7 @@ from .events import (
     Usage,
     UsageReport,
 )
+from .lifecycle import Lifecycle
 
 logger = logging.getLogger(__name__)
 
@@ -193,3 +201,42 @@ class Pump:
         self.last_delta_at = trio.current_time()
         if self.first_delta_at is None:
             self.first_delta_at = self.last_delta_at
+
+
+async def produce(agent: Agent, request: AgentRequest, pump: Pump, lifecycle: Lifecycle) -> None:
+    """Run ``agent`` on ``request`` into ``pump`` until the agent is done (or
+    stopped). Errors go to ``lifecycle``: the pump's refusal (the agent is
+    then cancelled) first, the agent's own after it."""
+    async with trio.open_nursery() as nursery:
+        send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
+        nursery.start_soon(_drive_agent, agent, request, send_channel, lifecycle, pump.run_id)
+        # Closed only after the agent was cancelled: a send that found it
+        # closed first would fail the agent (BrokenResourceError) over the
+        # pump's own error.
+        with receive_channel:
+            refused = await pump.run(receive_channel)
+            if refused is not None:
+                lifecycle.fail(refused)
+                nursery.cancel_scope.cancel()
+    # The agent has returned: from here on a cancel is too late and the run
+    # completes (or fails).
+    lifecycle.agent_finished()
+
+
+async def _drive_agent(
+    agent: Agent,
+    request: AgentRequest,
+    send_channel: trio.MemorySendChannel[AgentOutput],
+    lifecycle: Lifecycle,
+    run_id: str,
+) -> None:
+    async with send_channel:
+        try:
+            await agent.run(request, send_channel)
+        except AgentError as exc:
+            logger.warning("run %s: agent error %s", run_id, exc.code)
+            lifecycle.fail(ErrorInfo(code=exc.code, message=exc.message))
+        except Exception:
+            logger.exception("run %s: agent raised", run_id)
+            # A pump's refusal (run_too_large, a bad output) came first and wins.
+            lifecycle.fail(AGENT_ERROR)

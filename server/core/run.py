@@ -6,8 +6,8 @@ Pipeline: agent ──memory channel──▶ :class:`~.pump.Pump` ──▶ :cl
 ends, both become one :class:`~.result.RunResult`.
 
 Resource handling: the agent and the pump run in a nursery inside the run's
-own cancel scope, so cancelling the run reaches the agent at its next
-checkpoint. The run's task lives in its session's nursery, never in an HTTP
+own cancel scope (:func:`~.pump.produce`), so cancelling the run reaches the
+agent at its next checkpoint. The run's task lives in its session's nursery, never in an HTTP
 handler, so the run is owned whoever is (or is not) reading it.
 
 Starting: the run's start is recorded (bounded by the cleanup budget)
@@ -40,11 +40,10 @@ import trio
 
 from .agent import Agent, AgentRequest, agent_name
 from .config import EngineConfig
-from .errors import AgentError, TooManySubscribers
 from .errors import ObserverError as ObserverError
+from .errors import TooManySubscribers
 from .eventlog import EventLog, Subscription
 from .events import (
-    AgentOutput,
     CancelReason,
     ErrorInfo,
     RunMessage,
@@ -55,7 +54,7 @@ from .events import (
 )
 from .lifecycle import Lifecycle, RunState
 from .lifecycle_log import lifecycle_event
-from .pump import AGENT_ERROR, Pump
+from .pump import Pump, produce
 from .result import RunResult
 
 logger = logging.getLogger(__name__)
@@ -285,7 +284,7 @@ class Run:
                 # Inside the run's own scope: an explicit cancel (outer) wins
                 # over the deadline, and only the deadline is caught here.
                 with trio.move_on_after(self.config.run_timeout or math.inf) as deadline:
-                    await self._produce()
+                    await produce(self.agent, self.request, self._pump, self.lifecycle)
                 if deadline.cancelled_caught and self.lifecycle.cancel(CancelReason.DEADLINE):
                     lifecycle_event("stream_cancelled", trace=self.run_id, reason="deadline")
         except Exception:
@@ -312,24 +311,6 @@ class Run:
                 self._ended.set()
                 self.on_ended(self)
 
-    async def _produce(self) -> None:
-        """The agent and the pump, until the agent is done (or stopped)."""
-        async with trio.open_nursery() as nursery:
-            send_channel, receive_channel = trio.open_memory_channel[AgentOutput](0)
-            nursery.start_soon(self._drive_agent, send_channel)
-            # Closed only after the agent was cancelled: a send that found it
-            # closed first would fail the agent (BrokenResourceError) over
-            # the pump's own error.
-            with receive_channel:
-                refused = await self._pump.run(receive_channel)
-                if refused is not None:
-                    # The pump refused the agent's output: stop the agent.
-                    self.lifecycle.fail(refused)
-                    nursery.cancel_scope.cancel()
-        # The agent has returned: from here on a cancel is too late and the
-        # run completes (or fails).
-        self.lifecycle.agent_finished()
-
     async def _tell_observer(self, call: Awaitable[None]) -> None:
         try:
             await call
@@ -339,18 +320,6 @@ class Run:
         except Exception:
             logger.exception("run %s: observer failed", self.run_id)
             self.error_details = ObserverError().error_info
-
-    async def _drive_agent(self, send_channel: trio.MemorySendChannel[AgentOutput]) -> None:
-        async with send_channel:
-            try:
-                await self.agent.run(self.request, send_channel)
-            except AgentError as exc:
-                logger.warning("run %s: agent error %s", self.run_id, exc.code)
-                self.lifecycle.fail(ErrorInfo(code=exc.code, message=exc.message))
-            except Exception:
-                logger.exception("run %s: agent raised", self.run_id)
-                # A pump's refusal (run_too_large, a bad output) came first and wins.
-                self.lifecycle.fail(AGENT_ERROR)
 
     # --- starting and ending -------------------------------------------------
 
