@@ -1,5 +1,6 @@
 """Process settings: one frozen value built by the CLI (flags, then
-``STREAM_SERVER_*`` environment variables, then these defaults)."""
+``STREAM_SERVER_*`` environment variables, then these defaults; the
+engine's defaults are :class:`~server.core.config.EngineConfig`'s)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,16 @@ import ipaddress
 
 import attrs
 
+from .core.config import EngineConfig
 from .logs import LOG_FORMATS, LOG_LEVELS
 
 DEV_KEY = "devkey"
 MiB = 1024 * 1024
+
+
+# The engine's defaults are EngineConfig's: the settings that tune the engine
+# default to them, and map to them in one place (Settings.engine_config).
+_ENGINE = EngineConfig()
 
 
 def _lowercase(value: str) -> str:
@@ -28,35 +35,57 @@ class Settings:
     reply_words: int = 120
     api_keys: tuple[str, ...] = ()
     heartbeat_interval: float = attrs.field(default=15.0, validator=attrs.validators.gt(0))
-    cleanup_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
-    idle_timeout: float = attrs.field(default=300.0, validator=attrs.validators.ge(0))
+    cleanup_budget: float = attrs.field(
+        default=_ENGINE.cleanup_budget, validator=attrs.validators.gt(0)
+    )
+    idle_timeout: float = attrs.field(
+        default=_ENGINE.idle_timeout, validator=attrs.validators.ge(0)
+    )
     drain_timeout: float = attrs.field(default=10.0, validator=attrs.validators.ge(0))
     max_body_bytes: int = attrs.field(default=MiB, validator=attrs.validators.gt(0))
     # Limits (docs/operations.md, "Limits").
     max_prompt_chars: int = attrs.field(default=256 * 1024, validator=attrs.validators.gt(0))
     max_messages: int = attrs.field(default=1000, validator=attrs.validators.gt(0))
     max_header_bytes: int = attrs.field(default=16 * 1024, validator=attrs.validators.ge(1024))
-    max_sessions: int = attrs.field(default=10_000, validator=attrs.validators.gt(0))
-    max_sessions_per_key: int = attrs.field(default=1000, validator=attrs.validators.gt(0))
-    max_runs: int = attrs.field(default=1000, validator=attrs.validators.gt(0))
-    max_runs_per_key: int = attrs.field(default=256, validator=attrs.validators.gt(0))
+    max_sessions: int = attrs.field(default=_ENGINE.max_sessions, validator=attrs.validators.gt(0))
+    max_sessions_per_key: int = attrs.field(
+        default=_ENGINE.max_sessions_per_principal, validator=attrs.validators.gt(0)
+    )
+    max_runs: int = attrs.field(default=_ENGINE.max_runs, validator=attrs.validators.gt(0))
+    max_runs_per_key: int = attrs.field(
+        default=_ENGINE.max_runs_per_principal, validator=attrs.validators.gt(0)
+    )
     # Seconds a run may produce before it is interrupted (reason deadline); 0: off.
-    run_timeout: float = attrs.field(default=0.0, validator=attrs.validators.ge(0))
-    max_run_events: int = attrs.field(default=100_000, validator=attrs.validators.ge(8))
-    max_run_bytes: int = attrs.field(default=8 * MiB, validator=attrs.validators.gt(0))
-    max_subscribers: int = attrs.field(default=64, validator=attrs.validators.gt(0))
+    run_timeout: float = attrs.field(default=_ENGINE.run_timeout, validator=attrs.validators.ge(0))
+    max_run_events: int = attrs.field(
+        default=_ENGINE.max_run_events, validator=attrs.validators.ge(8)
+    )
+    max_run_bytes: int = attrs.field(
+        default=_ENGINE.max_run_bytes, validator=attrs.validators.gt(0)
+    )
+    max_subscribers: int = attrs.field(
+        default=_ENGINE.max_subscribers, validator=attrs.validators.gt(0)
+    )
     # Seconds one frame's write may take before its reader is dropped; 0: off.
     send_timeout: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
     # Deltas arriving within this many ms of a published one are merged.
-    coalesce_ms: float = attrs.field(default=20.0, validator=attrs.validators.ge(0))
+    coalesce_ms: float = attrs.field(
+        default=_ENGINE.coalesce_window * 1000, validator=attrs.validators.ge(0)
+    )
     # The run store (SQLite) lives here; "" keeps run records in memory only.
     data_dir: str = "data"
     # Keep each run's prompt in the run store (off: the prompt column is NULL).
     store_prompts: bool = False
     # Ended runs whose events stay available for reattach (then 410).
-    retain_runs: int = attrs.field(default=1000, validator=attrs.validators.ge(0))
-    retain_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
-    retain_bytes: int = attrs.field(default=64 * MiB, validator=attrs.validators.ge(0))
+    retain_runs: int = attrs.field(
+        default=_ENGINE.keep_ended_runs, validator=attrs.validators.ge(0)
+    )
+    retain_seconds: float = attrs.field(
+        default=_ENGINE.keep_ended_seconds, validator=attrs.validators.ge(0)
+    )
+    retain_bytes: int = attrs.field(
+        default=_ENGINE.keep_ended_bytes, validator=attrs.validators.ge(0)
+    )
     log_level: str = attrs.field(
         default="info", converter=_lowercase, validator=attrs.validators.in_(LOG_LEVELS)
     )
@@ -73,6 +102,26 @@ class Settings:
     connect_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     # Blocking agents: worker threads at once.
     thread_limit: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's configuration from these settings (what they do not
+        set, such as ``max_queued``, keeps EngineConfig's default)."""
+        return EngineConfig(
+            cleanup_budget=self.cleanup_budget,
+            idle_timeout=self.idle_timeout,
+            coalesce_window=self.coalesce_ms / 1000,
+            keep_ended_runs=self.retain_runs,
+            keep_ended_seconds=self.retain_seconds,
+            keep_ended_bytes=self.retain_bytes,
+            max_sessions=self.max_sessions,
+            max_sessions_per_principal=self.max_sessions_per_key,
+            max_runs=self.max_runs,
+            max_runs_per_principal=self.max_runs_per_key,
+            run_timeout=self.run_timeout,
+            max_run_events=self.max_run_events,
+            max_run_bytes=self.max_run_bytes,
+            max_subscribers=self.max_subscribers,
+        )
 
     @property
     def uses_dev_key(self) -> bool:

@@ -15,6 +15,7 @@ from typing import Protocol
 import attrs
 import trio
 
+from .errors import AgentError as AgentError
 from .events import AgentOutput
 
 
@@ -40,13 +41,9 @@ class Agent(Protocol):
     ) -> None: ...
 
 
-class AgentError(Exception):
-    """An agent failure with a client-safe ``code`` and ``message``.
-
-    Raise this (or a subclass) to say what clients should see; any other
-    exception becomes the generic ``agent_error``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+def agent_name(agent: Agent) -> str:
+    """The name records give ``agent``: its ``name``, or for an agent that
+    has none (the protocol asks for one; the engine does not need it to
+    run), its class name."""
+    name = getattr(agent, "name", None)
+    return name if isinstance(name, str) else type(agent).__name__

@@ -16,8 +16,8 @@ from types import TracebackType
 import attrs
 import trio
 
+from .errors import LifecycleError
 from .events import RunEvent
-from .lifecycle import LifecycleError
 
 
 @attrs.define(eq=False)

@@ -13,7 +13,7 @@ Exactly one of the terminal types ends every run's log.
 from __future__ import annotations
 
 import enum
-from typing import ClassVar
+from typing import ClassVar, TypedDict
 
 import attrs
 
@@ -103,6 +103,14 @@ AgentOutput = TextDelta | FullMessage | UsageReport | StopReason
 
 
 # --- what runs publish ------------------------------------------------------
+
+
+class Envelope(TypedDict):
+    """What every event of a run carries: whose it is and where in its log."""
+
+    run_id: str
+    session_id: str
+    seq: int
 
 
 @attrs.frozen(kw_only=True)

@@ -12,38 +12,8 @@ edge answers them as 429 with ``Retry-After``.
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-
-class LimitExceeded(Exception):
-    """A configured limit refused the request."""
-
-    code: ClassVar[str]
-    retry_after: ClassVar[int]
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"{self.code}: {message}")
-        self.message = message
-
-
-class TooManySessions(LimitExceeded):
-    """``max_sessions`` / ``max_sessions_per_principal``: a new session would
-    exceed them. Idle sessions go away after the idle timeout."""
-
-    code = "too_many_sessions"
-    retry_after = 10
-
-
-class TooManyRuns(LimitExceeded):
-    """``max_runs`` / ``max_runs_per_principal``: a session that is not busy
-    would start one more concurrent run."""
-
-    code = "too_many_runs"
-    retry_after = 1
-
-
-class TooManySubscribers(LimitExceeded):
-    """``max_subscribers``: the run already has that many readers."""
-
-    code = "too_many_subscribers"
-    retry_after = 1
+# The refusals live with the engine's other exceptions.
+from .errors import LimitExceeded as LimitExceeded
+from .errors import TooManyRuns as TooManyRuns
+from .errors import TooManySessions as TooManySessions
+from .errors import TooManySubscribers as TooManySubscribers

@@ -30,20 +30,11 @@ import trio
 from .agent import Agent, AgentRequest
 from .config import EngineConfig
 from .coordinator import Coordinator, InProcessCoordinator
+from .errors import Draining, QueueFull, RunInProgress, SessionClosed, TooManyRuns, TooManySessions
 from .events import CancelReason
-from .limits import TooManyRuns, TooManySessions
 from .registry import RunRegistry
 from .run import NullObserver, Run, RunObserver
-from .session import (
-    Draining,
-    LiveRuns,
-    OnConflict,
-    QueueFull,
-    RunInProgress,
-    Session,
-    SessionClosed,
-    SessionKey,
-)
+from .session import LiveRuns, OnConflict, Session, SessionKey
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +157,13 @@ class SessionManager:
             if created:
                 await self._start_session(session)
             run = await session.submit(request, ticket, on_conflict=on_conflict)
+            self.runs.add(principal, run)
+            # Its start recorded, run.started out: only now may the client
+            # learn its id. Still in line meanwhile, so the session is busy
+            # and the next prompt waits its turn.
+            await run.wait_started()
         finally:
             session.leave(ticket)
-        self.runs.add(principal, run)
         return run
 
     def find_session(self, principal: str, session_id: str) -> Session | None:

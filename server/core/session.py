@@ -26,6 +26,10 @@ import trio
 
 from .agent import Agent, AgentRequest
 from .config import EngineConfig
+from .errors import Draining as Draining
+from .errors import QueueFull as QueueFull
+from .errors import RunInProgress as RunInProgress
+from .errors import SessionClosed as SessionClosed
 from .events import CancelReason
 from .lifecycle_log import lifecycle_event
 from .run import NullObserver, Run, RunObserver
@@ -40,10 +44,6 @@ class SessionKey:
 
     principal: str
     session_id: str
-
-
-class Draining(Exception):
-    """The server is shutting down and admits no new runs."""
 
 
 @attrs.define(eq=False)
@@ -74,19 +74,6 @@ class OnConflict(enum.StrEnum):
     REJECT = "reject"  # refuse the new prompt (RunInProgress)
     ENQUEUE = "enqueue"  # start after it ends by itself, in admission order
     ROLLBACK = "rollback"  # like interrupt, then forget the superseded run
-
-
-class RunInProgress(Exception):
-    """``reject``: the session has a live (or starting) run."""
-
-
-class QueueFull(Exception):
-    """``enqueue``: the session's line of waiting prompts is full."""
-
-
-class SessionClosed(Exception):
-    """The session went away (it failed to start) while a submission waited
-    for it; the submission may be retried."""
 
 
 @attrs.define(eq=False)
@@ -150,10 +137,11 @@ class Session:
 
     @property
     def idle(self) -> bool:
-        """No submitter, no live run, no reader of the current run."""
+        """No submitter, no run that has not ended (one still recording its
+        start included), no reader of the current run."""
         current = self.current
         return self.users == 0 and (
-            current is None or (not current.alive and current.subscriber_count == 0)
+            current is None or (current.ended and current.subscriber_count == 0)
         )
 
     # --- the session's task -------------------------------------------------
@@ -242,7 +230,8 @@ class Session:
         """Start a run for ``request`` once ``ticket``'s turn comes,
         superseding the current run and awaiting its cleanup first.
 
-        Returns once the new run has published ``run.started``. Raises
+        Returns once the new run's task has started (owned by this session's
+        nursery); :meth:`Run.wait_started` says when ``run.started`` is out. Raises
         :class:`Draining` if the server stopped admitting runs while this
         submission waited its turn."""
         admitted_at = trio.current_time()  # the manager admits right before
@@ -277,20 +266,14 @@ class Session:
             principal=self.key.principal,
             request=request,
             agent=self.agent,
-            cleanup_budget=self.config.cleanup_budget,
+            config=self.config,
             observer=self.observer,
-            coalesce_window=self.config.coalesce_window,
-            coalesce_max_chars=self.config.coalesce_max_chars,
             on_subscribers_changed=self._touch,
             on_ended=self._run_ended,
             supersedes=previous.run_id
             if superseding and previous is not None and on_conflict is not OnConflict.ENQUEUE
             else None,
             admitted_at=admitted_at,
-            run_timeout=self.config.run_timeout,
-            max_events=self.config.max_run_events,
-            max_bytes=self.config.max_run_bytes,
-            max_subscribers=self.config.max_subscribers,
         )
         assert self._nursery is not None
         # Registered before the first checkpoint, so a drain that starts now

@@ -1,8 +1,9 @@
 """The engine's :class:`~server.core.run.RunObserver`, backed by the run store.
 
-The engine calls :meth:`StoreObserver.run_started` when a run starts and
-:meth:`StoreObserver.run_ended` inside the run's shielded, bounded cleanup,
-before the terminal event is published. A failed write is logged and
+The engine calls :meth:`StoreObserver.run_started` when a run starts (before
+``run.started`` is published) and :meth:`StoreObserver.run_ended`, with the
+run's :class:`~server.core.result.RunResult`, inside the run's shielded,
+bounded cleanup, before the terminal event is published. A failed write is logged and
 re-raised as :class:`StoreWriteError` (client-safe ``error_info``) for the
 engine to report on the terminal event; :class:`trio.Cancelled` is never
 caught.
@@ -42,7 +43,7 @@ import logging
 import attrs
 import trio
 
-from ..core.events import CancelReason, ErrorInfo, RunStatus, Usage
+from ..core.result import RunResult
 from ..core.run import Run
 from .records import RunRecord, StoreWriteError
 from .sqlite import SqliteRunStore
@@ -62,31 +63,17 @@ RETRY_MAX_INTERVAL = 10.0
 
 
 @attrs.define(eq=False)
-class _TerminalWrite:
-    """A run's terminal status, as it is to be written."""
-
-    run_id: str
-    # The row to insert first, while its start is not in the store.
-    start: RunRecord | None
-    status: RunStatus
-    cancel_reason: CancelReason | None
-    text: str
-    usage: Usage | None
-    error: ErrorInfo | None
-    finished_at: float
-    attempts: int = 0
-
-
-@attrs.define(eq=False)
 class StoreObserver:
     store: SqliteRunStore
     # Keep each run's prompt in its row (--store-prompts); off by default.
     store_prompts: bool = attrs.field(default=False, kw_only=True)
     # Started runs whose row is not in the store yet, by run id.
     _unrecorded: dict[str, RunRecord] = attrs.field(factory=dict, init=False)
-    # Ended runs whose terminal status is not in the store yet, oldest first.
-    _unfinished: dict[str, _TerminalWrite] = attrs.field(factory=dict, init=False)
-    # Characters of output in _unfinished.
+    # Ended runs whose result is not in the store yet, oldest first ...
+    _unfinished: dict[str, RunResult] = attrs.field(factory=dict, init=False)
+    # ... how often a write of each failed (other than refused for now) ...
+    _attempts: dict[str, int] = attrs.field(factory=dict, init=False)
+    # ... and the characters of output they hold.
     _unfinished_chars: int = attrs.field(default=0, init=False)
     # Set when there is something to retry (renewed once there is not).
     _pending: trio.Event = attrs.field(factory=trio.Event, init=False)
@@ -107,14 +94,8 @@ class StoreObserver:
         return len(self._unfinished)
 
     async def run_started(self, run: Run) -> None:
-        record = RunRecord(
-            run_id=run.run_id,
-            principal=run.principal,
-            session_id=run.session_id,
-            prompt=run.request.prompt if self.store_prompts else None,
-            agent=run.agent.name,
-            status=RunStatus.RUNNING,
-            created_at=self.store.clock(),
+        record = RunRecord.started(
+            run.result, prompt=run.request.prompt if self.store_prompts else None
         )
         try:
             await self.store.insert_started(record)
@@ -130,77 +111,57 @@ class StoreObserver:
             self._wake_retries()
             raise
 
-    async def run_ended(self, run: Run, status: RunStatus) -> None:
-        write = _TerminalWrite(
-            run_id=run.run_id,
-            start=self._unrecorded.pop(run.run_id, None),
-            status=status,
-            cancel_reason=(
-                run.cancel_reason
-                if status in (RunStatus.CANCELLED, RunStatus.INTERRUPTED)
-                else None
-            ),
-            text=run.text,
-            usage=run.usage,
-            error=run.error,
-            finished_at=self.store.clock(),
-        )
+    async def run_ended(self, run: Run, result: RunResult) -> None:
         try:
-            await self._write(write)
+            await self._write(result)
         except StoreWriteError as exc:
             logger.warning(
-                "run %s: terminal status %s not recorded (retried later)", run.run_id, status.value
+                "run %s: terminal status %s not recorded (retried later)",
+                result.run_id,
+                result.status.value,
             )
-            self._keep(write, exc)
+            self._keep(result, exc)
             raise
         except BaseException:
             # Cancelled (the cleanup budget ran out) before the write's turn.
-            self._keep(write)
+            self._keep(result)
             raise
+        self._attempts.pop(result.run_id, None)
         self._store_took_write.set()
 
-    async def _write(self, write: _TerminalWrite) -> None:
+    async def _write(self, result: RunResult) -> None:
+        run_id = result.run_id
         try:
-            if write.start is not None:
+            start = self._unrecorded.get(run_id)
+            if start is not None:
                 # (The retry task may have inserted it meanwhile.)
-                await self.store.insert_started(write.start, if_absent=True)
-                write.start = None  # done
-            await self._finish(write)
+                await self.store.insert_started(start, if_absent=True)
+                if self._unrecorded.get(run_id) is start:
+                    del self._unrecorded[run_id]  # done
+            await self.store.finish(result)
         except Exception:
             # Any failure counts towards giving up (only a cancel before
             # the write's turn does not), so nothing is retried forever.
-            write.attempts += 1
+            self._attempts[run_id] = self._attempts.get(run_id, 0) + 1
             raise
 
-    async def _finish(self, write: _TerminalWrite) -> None:
-        await self.store.finish(
-            write.run_id,
-            status=write.status,
-            cancel_reason=write.cancel_reason,
-            text=write.text,
-            usage=write.usage,
-            error_code=None if write.error is None else write.error.code,
-            error_message=None if write.error is None else write.error.message,
-            finished_at=write.finished_at,
-        )
-
-    def _keep(self, write: _TerminalWrite, error: BaseException | None = None) -> None:
+    def _keep(self, result: RunResult, error: BaseException | None = None) -> None:
         refused_for_now = isinstance(error, StoreWriteError) and error.transient
-        if not refused_for_now and write.attempts >= TERMINAL_WRITE_ATTEMPTS:
-            self._give_up(write, "attempts")
+        if not refused_for_now and self._attempts.get(result.run_id, 0) >= TERMINAL_WRITE_ATTEMPTS:
+            self._give_up(result, "attempts")
             return
-        self._unfinished[write.run_id] = write
-        self._unfinished_chars += len(write.text)
+        self._unfinished[result.run_id] = result
+        self._unfinished_chars += len(result.text)
         self._wake_retries()
         while (
             len(self._unfinished) > MAX_PENDING_WRITES or self._unfinished_chars > MAX_PENDING_CHARS
         ):
             self._give_up(self._take(next(iter(self._unfinished))), "too_many_pending")
 
-    def _take(self, run_id: str) -> _TerminalWrite:
-        write = self._unfinished.pop(run_id)
-        self._unfinished_chars -= len(write.text)
-        return write
+    def _take(self, run_id: str) -> RunResult:
+        result = self._unfinished.pop(run_id)
+        self._unfinished_chars -= len(result.text)
+        return result
 
     def _wake_retries(self) -> None:
         if not self._pending.is_set():
@@ -208,13 +169,14 @@ class StoreObserver:
             self._store_took_write = trio.Event()
             self._pending.set()
 
-    @staticmethod
-    def _give_up(write: _TerminalWrite, reason: str) -> None:
+    def _give_up(self, result: RunResult, reason: str) -> None:
+        attempts = self._attempts.get(result.run_id, 0)
+        self._forget(result.run_id)
         logger.error(
             "run_store_gave_up run=%s status=%s attempts=%d reason=%s",
-            write.run_id,
-            write.status.value,
-            write.attempts,
+            result.run_id,
+            result.status.value,
+            attempts,
             reason,
         )
 
@@ -240,6 +202,12 @@ class StoreObserver:
 
     def stop(self) -> None:
         self._scope.cancel()
+
+    def _forget(self, run_id: str) -> None:
+        self._unrecorded.pop(run_id, None)
+        if run_id in self._unfinished:
+            self._take(run_id)
+        self._attempts.pop(run_id, None)
 
     async def flush(self) -> None:
         """Land every pending write (the store calls this before it closes,
@@ -277,24 +245,24 @@ class StoreObserver:
         for run_id in list(self._unfinished):
             if run_id not in self._unfinished:
                 continue  # discarded meanwhile
-            write = self._take(run_id)
+            result = self._take(run_id)
             try:
-                await self._write(write)
+                await self._write(result)
             except Exception as exc:
                 # Not a run's own write: its failure stays with its own run.
-                logger.warning("run %s: terminal status still not recorded: %r", write.run_id, exc)
-                self._keep(write, exc)
+                logger.warning("run %s: terminal status still not recorded: %r", result.run_id, exc)
+                self._keep(result, exc)
                 if isinstance(exc, StoreWriteError) and exc.transient:
                     return False
                 continue
             except BaseException:
-                self._keep(write)
+                self._keep(result)
                 raise
             logger.info(
                 "run_store_recovered run=%s status=%s attempts=%d",
-                write.run_id,
-                write.status.value,
-                write.attempts,
+                result.run_id,
+                result.status.value,
+                self._attempts.pop(result.run_id, 0),
             )
         if self._unfinished or self._unrecorded or self.store.unrecovered:
             return False
@@ -303,7 +271,5 @@ class StoreObserver:
 
     async def run_discarded(self, run: Run) -> None:
         """``rollback``: the superseded run's record and output go."""
-        self._unrecorded.pop(run.run_id, None)
-        if run.run_id in self._unfinished:
-            self._take(run.run_id)
+        self._forget(run.run_id)
         await self.store.delete(run.run_id)

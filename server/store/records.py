@@ -1,7 +1,9 @@
 """What the run store keeps about a run, and how a store failure looks.
 
 A :class:`RunRecord` is one row: who asked what, which agent answered, how
-the run ended and what it produced. Its constructor enforces the same rules
+the run ended and what it produced: a run's
+:class:`~server.core.result.RunResult` (what the store keeps of it) and its
+prompt. Its constructor enforces the same rules
 as the table's CHECK constraints, so a record read back is always coherent:
 
 * ``status`` is ``running`` exactly when ``finished_at`` is ``None``;
@@ -18,8 +20,9 @@ from typing import Any
 
 import attrs
 
+from ..core.errors import ObserverError
 from ..core.events import CancelReason, ErrorInfo, RunStatus, Usage
-from ..core.run import ObserverError
+from ..core.result import RunResult
 
 CRASH_RECOVERY = "crash_recovery"
 STORED_CANCEL_REASONS = frozenset({reason.value for reason in CancelReason} | {CRASH_RECOVERY})
@@ -71,6 +74,37 @@ class RunRecord:
         if self.error_code is None:
             return None
         return ErrorInfo(code=self.error_code, message=self.error_message or "")
+
+    @classmethod
+    def started(cls, result: RunResult, *, prompt: str | None) -> RunRecord:
+        """The row a run's start inserts (its result while it runs)."""
+        return cls(
+            run_id=result.run_id,
+            principal=result.principal,
+            session_id=result.session_id,
+            prompt=prompt,
+            agent=result.agent,
+            status=RunStatus.RUNNING,
+            created_at=result.created_at,
+        )
+
+    @property
+    def result(self) -> RunResult:
+        """The run's result as far as the store keeps it: no event count,
+        no finish reason, no error details."""
+        return RunResult(
+            run_id=self.run_id,
+            principal=self.principal,
+            session_id=self.session_id,
+            agent=self.agent,
+            status=self.status,
+            cancel_reason=self.cancel_reason,
+            text=self.text,
+            usage=self.usage,
+            error=self.error,
+            created_at=self.created_at,
+            finished_at=self.finished_at,
+        )
 
 
 class StoreError(ObserverError):

@@ -30,7 +30,8 @@ from typing import TypeVar
 import attrs
 import trio
 
-from ..core.events import CancelReason, RunStatus, Usage
+from ..core.events import RunStatus
+from ..core.result import RunResult
 from .connection import DB_FILE as DB_FILE
 from .connection import LOCK_FILE as LOCK_FILE
 from .connection import THREAD_NAME as THREAD_NAME
@@ -41,6 +42,12 @@ from .rows import COLUMNS, PROBE, to_record, to_row
 from .schema import SCHEMA_VERSION
 
 logger = logging.getLogger(__name__)
+
+# Defaults, in one place for both ways of opening the store: seconds a call
+# waits on SQLite's lock (keep it below the engine's cleanup budget), and
+# seconds aclose lets the calls already made finish.
+BUSY_TIMEOUT = 1.0
+CLOSE_TIMEOUT = 5.0
 
 T = TypeVar("T")
 
@@ -71,8 +78,8 @@ class SqliteRunStore:
         cls,
         data_dir: Path,
         *,
-        busy_timeout: float = 1.0,
-        close_timeout: float = 5.0,
+        busy_timeout: float = BUSY_TIMEOUT,
+        close_timeout: float = CLOSE_TIMEOUT,
         clock: Callable[[], float] = time.time,
     ) -> SqliteRunStore:
         """Open (creating, migrating and recovering) the store in ``data_dir``.
@@ -185,42 +192,32 @@ class SqliteRunStore:
 
         await self._call("insert_started", write, write=True)
 
-    async def finish(
-        self,
-        run_id: str,
-        *,
-        status: RunStatus,
-        cancel_reason: CancelReason | None = None,
-        text: str = "",
-        usage: Usage | None = None,
-        error_code: str | None = None,
-        error_message: str | None = None,
-        finished_at: float | None = None,
-    ) -> None:
-        """Write a running run's terminal status (once: a run that has
-        already ended, or has no row, is a :class:`StoreWriteError`)."""
-        if status is RunStatus.RUNNING:
-            raise ValueError("finish takes a terminal status")
-        if finished_at is None:
-            finished_at = self.clock()
+    async def finish(self, result: RunResult) -> None:
+        """Write an ended run's result over its running row (once: a run that
+        has already ended, or has no row, is a :class:`StoreWriteError`)."""
+        if result.status is RunStatus.RUNNING or result.finished_at is None:
+            raise ValueError("finish takes an ended run's result (a terminal status)")
+        error = result.error
         # Validate as a record would be, before touching the database.
         attrs.evolve(
             PROBE,
-            status=status,
-            cancel_reason=None if cancel_reason is None else cancel_reason.value,
-            finished_at=finished_at,
-            error_code=error_code,
-            error_message=error_message,
+            status=result.status,
+            cancel_reason=result.cancel_reason,
+            finished_at=result.finished_at,
+            error_code=None if error is None else error.code,
+            error_message=None if error is None else error.message,
         )
+        usage = result.usage
+        run_id = result.run_id
         params = (
-            status.value,
-            None if cancel_reason is None else cancel_reason.value,
-            text,
+            result.status.value,
+            result.cancel_reason,
+            result.text,
             None if usage is None else usage.prompt_tokens,
             None if usage is None else usage.completion_tokens,
-            finished_at,
-            error_code,
-            error_message,
+            result.finished_at,
+            None if error is None else error.code,
+            None if error is None else error.message,
             run_id,
         )
 
@@ -352,8 +349,8 @@ class SqliteRunStore:
 async def open_sqlite_store(
     data_dir: Path,
     *,
-    busy_timeout: float = 1.0,
-    close_timeout: float = 5.0,
+    busy_timeout: float = BUSY_TIMEOUT,
+    close_timeout: float = CLOSE_TIMEOUT,
     clock: Callable[[], float] = time.time,
 ) -> AsyncIterator[SqliteRunStore]:
     """``async with open_sqlite_store(data_dir) as store:`` — see

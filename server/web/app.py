@@ -17,7 +17,7 @@ from quart_trio import QuartTrio
 from ..agents import build_agent
 from ..core.agent import Agent
 from ..core.events import RunFailed
-from ..core.manager import EngineConfig, SessionManager
+from ..core.manager import SessionManager
 from ..core.run import NullObserver, Run, RunObserver
 from ..core.session import OnConflict
 from ..settings import Settings
@@ -91,22 +91,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         manager = SessionManager(
             agent=state.agent,
             observer=MeteredObserver(observer, state.metrics),
-            config=EngineConfig(
-                cleanup_budget=settings.cleanup_budget,
-                idle_timeout=settings.idle_timeout,
-                coalesce_window=settings.coalesce_ms / 1000,
-                keep_ended_runs=settings.retain_runs,
-                keep_ended_seconds=settings.retain_seconds,
-                keep_ended_bytes=settings.retain_bytes,
-                max_sessions=settings.max_sessions,
-                max_sessions_per_principal=settings.max_sessions_per_key,
-                max_runs=settings.max_runs,
-                max_runs_per_principal=settings.max_runs_per_key,
-                run_timeout=settings.run_timeout,
-                max_run_events=settings.max_run_events,
-                max_run_bytes=settings.max_run_bytes,
-                max_subscribers=settings.max_subscribers,
-            ),
+            config=settings.engine_config(),
         )
         state.manager = await app.nursery.start(manager.serve)
 

@@ -34,7 +34,7 @@ from prometheus_client.registry import Collector
 from quart import Response
 from quart_trio import QuartTrio
 
-from ..core.events import RunStatus
+from ..core.result import RunResult
 from ..core.run import Run, RunObserver
 from .tasktree import count_live_tasks
 
@@ -45,14 +45,10 @@ SUPERSEDE_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 FIRST_TOKEN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)
 
 
-def end_reason(run: Run, status: RunStatus) -> str:
+def end_reason(result: RunResult) -> str:
     """The ``reason`` label: the cancel reason of a cancelled or interrupted
     run, the error code of a failed one, ``none`` for a completed one."""
-    if run.cancel_reason is not None and status in (RunStatus.CANCELLED, RunStatus.INTERRUPTED):
-        return run.cancel_reason.value
-    if status is RunStatus.FAILED and run.error is not None:
-        return run.error.code
-    return "none"
+    return result.end_reason
 
 
 @attrs.define(eq=False)
@@ -112,8 +108,8 @@ class Metrics:
             assert run.started_at is not None
             self.supersede_wait.observe(run.started_at - run.admitted_at)
 
-    def run_ended(self, run: Run, status: RunStatus) -> None:
-        self.runs_ended.labels(status=status.value, reason=end_reason(run, status)).inc()
+    def run_ended(self, run: Run, result: RunResult) -> None:
+        self.runs_ended.labels(status=result.status.value, reason=end_reason(result)).inc()
         if run.first_delta_at is not None and run.started_at is not None:
             self.first_token.observe(run.first_delta_at - run.started_at)
         self.coalesced_deltas.inc(run.coalesced_deltas)
@@ -142,9 +138,9 @@ class MeteredObserver:
         self.metrics.run_started(run)
         await self.inner.run_started(run)
 
-    async def run_ended(self, run: Run, status: RunStatus) -> None:
-        self.metrics.run_ended(run, status)
-        await self.inner.run_ended(run, status)
+    async def run_ended(self, run: Run, result: RunResult) -> None:
+        self.metrics.run_ended(run, result)
+        await self.inner.run_ended(run, result)
 
     async def run_discarded(self, run: Run) -> None:
         await self.inner.run_discarded(run)

@@ -20,10 +20,11 @@ import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
-from ..core.events import CancelReason, RunFailed
+from ..core.events import CancelReason
 from ..core.registry import Gone
+from ..core.result import RunResult
 from ..core.run import Run
-from ..store import RunRecord, StoreError
+from ..store import StoreError
 from ..wire import NativeNdjsonEncoder, NativeSseEncoder
 from ..wire.native import usage_dict
 from .errors import ApiError
@@ -35,42 +36,24 @@ RECENT_RUNS = 10
 SEQ = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
 
 
-def run_record(run: Run) -> dict[str, Any]:
-    terminal = run.terminal
-    error = terminal.error if isinstance(terminal, RunFailed) else None
+def run_json(result: RunResult) -> dict[str, Any]:
+    """A run's record as the API shows it: a live run's snapshot, an ended
+    run's result, or what the store kept (``events`` and ``finish_reason``
+    then ``null``)."""
+    error = result.error
     return {
-        "id": run.run_id,
+        "id": result.run_id,
         "object": "run",
-        "session_id": run.session_id,
-        "status": run.status.value,
-        "cancel_reason": run.cancel_reason.value if run.cancel_reason is not None else None,
-        "finish_reason": run.finish_reason if run.status.value == "completed" else None,
-        "text": run.text,
-        "usage": usage_dict(run.usage) if run.usage is not None else None,
+        "session_id": result.session_id,
+        "status": result.status.value,
+        "cancel_reason": result.cancel_reason,
+        "finish_reason": result.finish_reason,
+        "text": result.text,
+        "usage": usage_dict(result.usage) if result.usage is not None else None,
         "error": {"code": error.code, "message": error.message} if error is not None else None,
-        "events": len(run.log),
-        "created_at": run.created_at,
-        "finished_at": run.finished_at,
-    }
-
-
-def stored_record(record: RunRecord) -> dict[str, Any]:
-    """A run known only to the store (its log is past retention, or the
-    server restarted): the same shape, without the event count."""
-    error = record.error
-    return {
-        "id": record.run_id,
-        "object": "run",
-        "session_id": record.session_id,
-        "status": record.status.value,
-        "cancel_reason": record.cancel_reason,
-        "finish_reason": None,
-        "text": record.text,
-        "usage": usage_dict(record.usage) if record.usage is not None else None,
-        "error": {"code": error.code, "message": error.message} if error is not None else None,
-        "events": None,
-        "created_at": record.created_at,
-        "finished_at": record.finished_at,
+        "events": result.events,
+        "created_at": result.created_at,
+        "finished_at": result.finished_at,
     }
 
 
@@ -114,7 +97,7 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
                 info = exc.error_info
                 raise ApiError(503, info.code, info.message, headers={"Retry-After": "1"}) from None
             if record is not None:
-                return jsonify(stored_record(record))
+                return jsonify(run_json(record.result))
         if isinstance(found, Gone):
             raise ApiError(410, "run_gone", "The run is past retention and no longer kept.")
         raise ApiError(404, "run_not_found", "No such run.")
@@ -123,7 +106,7 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
     async def get_run(run_id: str) -> Response:
         principal, found = lookup(run_id)
         if isinstance(found, Run):
-            return jsonify(run_record(found))
+            return jsonify(run_json(found.result))
         return await stored_or_missing(principal, run_id, found)
 
     @app.get("/v1/runs/<run_id>/events")
@@ -160,7 +143,7 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
         # cancellation gets the record as it stands.
         with trio.move_on_after(state.settings.cleanup_budget + 1):
             await found.wait_ended()
-        return jsonify(run_record(found))
+        return jsonify(run_json(found.result))
 
     @app.get("/v1/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:
@@ -170,7 +153,7 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
         parse_session_id(session_id)
         manager = state.running_manager()
         live = manager.runs.for_session(principal, session_id, RECENT_RUNS)
-        recent = [run_record(run) for run in live]
+        recent = [run_json(run.result) for run in live]
         if len(recent) < RECENT_RUNS and state.store is not None:
             try:
                 stored = await state.store.recent_for_session(principal, session_id, RECENT_RUNS)
@@ -182,7 +165,7 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
                     ) from None
                 stored = []  # what memory holds will do
             known = {run.run_id for run in live}
-            recent += [stored_record(record) for record in stored if record.run_id not in known]
+            recent += [run_json(record.result) for record in stored if record.run_id not in known]
             del recent[RECENT_RUNS:]
         session = manager.find_session(principal, session_id)
         if session is not None and session.current is not None:

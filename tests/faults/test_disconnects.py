@@ -44,8 +44,11 @@ async def open_stream(server: ServerProcess, prompt: str, session_id: str) -> tr
     return stream
 
 
-def run_id_of(server: ServerProcess, session_id: str, index: int = 0) -> str:
-    return server.find("stream_start", session=session_id)[index].fields["trace"]
+async def run_id_of(server: ServerProcess, session_id: str) -> str:
+    # Waited for: the server logs stream_start just before it answers, and
+    # its log arrives through another pipe than the answer.
+    await server.wait_for("stream_start", session=session_id)
+    return server.find("stream_start", session=session_id)[0].fields["trace"]
 
 
 async def test_hang_up_mid_request_body_starts_no_run(tmp_path: Path) -> None:
@@ -78,7 +81,7 @@ async def test_hang_up_while_waiting_for_a_superseded_runs_cleanup(tmp_path: Pat
     with fault_server(tmp_path, *AGENT) as server:
         baseline = await idle_baseline(server)
         first = await open_stream(server, f"tokens=500 cleanup={CLEANUP_SECONDS}", "waiting")
-        first_id = run_id_of(server, "waiting")
+        first_id = await run_id_of(server, "waiting")
         second = await raw_request(server, body("tokens=5"), ndjson_headers("waiting"))
         await server.wait_for("stream_cancelled", trace=first_id, reason="superseded")
         # Mid-cleanup of the first run: nothing has been answered yet.
@@ -117,7 +120,7 @@ async def test_hang_up_after_the_first_frame_cancels_the_run(accept: str, tmp_pa
             assert received.startswith(b"HTTP/1.1 200"), received
             await stream.aclose()
         for session_id in sessions:
-            trace = run_id_of(server, session_id)
+            trace = await run_id_of(server, session_id)
             await server.wait_for("stream_cancelled", trace=trace, reason="client_disconnect")
         await settle(server, baseline)
         await assert_serves(server)
@@ -138,7 +141,7 @@ async def test_hang_up_during_cleanup(tmp_path: Path) -> None:
     with fault_server(tmp_path, *AGENT) as server:
         baseline = await idle_baseline(server)
         stream = await open_stream(server, f"tokens=500 cleanup={CLEANUP_SECONDS}", "cleaning")
-        run_id = run_id_of(server, "cleaning")
+        run_id = await run_id_of(server, "cleaning")
         target = server.url.removeprefix("http://")
         host, _, port = target.partition(":")
         stop = await trio.open_tcp_stream(host, int(port))

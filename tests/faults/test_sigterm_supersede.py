@@ -74,6 +74,8 @@ async def supersede_then_sigterm(
     first = await raw_request(server, body(f"tokens=500 cleanup={CLEANUP_SECONDS}"), headers)
     async with first:
         first_head = await read_until(first, b"run.started")
+        # (logged just before the answer, through another pipe)
+        await server.wait_for("stream_start", session="sigterm")
         first_id = server.find("stream_start", session="sigterm")[0].fields["trace"]
         second = await raw_request(server, body("tokens=500"), headers)
         async with second:

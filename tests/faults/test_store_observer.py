@@ -5,15 +5,18 @@ store refuses and when it recovers)."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Awaitable
 from pathlib import Path
 
+import attrs
 import pytest
 import trio
 
 from server.agents.scripted import ScriptedAgent
 from server.core.agent import Agent, AgentRequest
 from server.core.events import AgentOutput, RunStatus, TextDelta
+from server.core.result import RunResult
 from server.core.run import Run
 from server.store import (
     RunRecord,
@@ -41,12 +44,16 @@ class GatedAgent:
         await self.gate.wait()
 
 
+def completed(run: Run) -> RunResult:
+    """The result the engine would hand the store had ``run`` completed."""
+    return attrs.evolve(run.result, status=RunStatus.COMPLETED, finished_at=time.time())
+
+
 def make_run(observer: StoreObserver, agent: Agent | None = None) -> Run:
     return Run(
         session_id="s1",
         request=AgentRequest(prompt="hello there"),
         agent=agent or ScriptedAgent(token_delay=0, reply_words=3),
-        cleanup_budget=5.0,
         observer=observer,
         principal="alice",
     )
@@ -164,7 +171,7 @@ async def test_a_write_cancelled_before_its_turn_is_not_an_attempt(tmp_path: Pat
             nursery.start_soon(refused_quietly, store.insert_started(running_record("blocker")))
             await trio.sleep(0.01)
             with trio.move_on_after(0.01) as scope:
-                await observer.run_ended(run, RunStatus.COMPLETED)
+                await observer.run_ended(run, completed(run))
             assert scope.cancelled_caught
         other.execute("ROLLBACK")
         other.close()
@@ -189,16 +196,16 @@ async def test_a_write_failing_unexpectedly_is_given_up_and_blames_no_other_run(
             await store.insert_started(running_record(run.run_id))
         finish = SqliteRunStore.finish
 
-        async def finish_or_fail(self: SqliteRunStore, run_id: str, **fields: object) -> None:
-            if run_id == broken.run_id:
+        async def finish_or_fail(self: SqliteRunStore, result: RunResult) -> None:
+            if result.run_id == broken.run_id:
                 raise ValueError("not a StoreWriteError")
-            await finish(self, run_id, **fields)  # type: ignore[arg-type]
+            await finish(self, result)
 
         monkeypatch.setattr(SqliteRunStore, "finish", finish_or_fail)
         with pytest.raises(ValueError):
-            await observer.run_ended(broken, RunStatus.COMPLETED)
+            await observer.run_ended(broken, completed(broken))
         # Each retry fails it again; the failure stays with its own run.
         for run in healthy:
-            await observer.run_ended(run, RunStatus.COMPLETED)
+            await observer.run_ended(run, completed(run))
             await observer.flush()
         assert observer.unfinished == 0  # given up, not retried forever

@@ -10,6 +10,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from server.core.events import (
     TextDelta,
     Usage,
 )
+from server.core.result import RunResult
 from server.core.run import Run
 from server.store import (
     CRASH_RECOVERY,
@@ -47,6 +49,37 @@ from tests.helpers import FailingAgent
 
 ALICE = "key-alice"
 BOB = "key-bob"
+
+
+# When ended() says a run finished, unless told.
+FINISHED_AT = 1_700_000_010.0
+
+
+def ended(
+    run_id: str,
+    *,
+    status: RunStatus,
+    cancel_reason: CancelReason | None = None,
+    text: str = "",
+    usage: Usage | None = None,
+    error_code: str | None = None,
+    error_message: str = "",
+    finished_at: float | None = FINISHED_AT,
+) -> RunResult:
+    """What the engine hands the store when a run ends."""
+    return RunResult(
+        run_id=run_id,
+        principal=ALICE,
+        session_id="s1",
+        agent="scripted",
+        status=status,
+        cancel_reason=None if cancel_reason is None else cancel_reason.value,
+        text=text,
+        usage=usage,
+        error=None if error_code is None else ErrorInfo(code=error_code, message=error_message),
+        created_at=FINISHED_AT - 1,
+        finished_at=finished_at,
+    )
 
 
 @attrs.define
@@ -212,10 +245,13 @@ async def test_insert_finish_get_round_trip(store: SqliteRunStore, clock: WallCl
 
     clock.now += 2.5
     await store.finish(
-        "r1",
-        status=RunStatus.COMPLETED,
-        text="hello world",
-        usage=Usage(prompt_tokens=3, completion_tokens=2),
+        ended(
+            "r1",
+            status=RunStatus.COMPLETED,
+            text="hello world",
+            usage=Usage(prompt_tokens=3, completion_tokens=2),
+            finished_at=clock.now,
+        )
     )
     assert await store.get("r1") == attrs.evolve(
         record,
@@ -231,14 +267,21 @@ async def test_finish_records_cancel_reason_and_error(store: SqliteRunStore) -> 
     await store.insert_started(started("cancelled"))
     await store.insert_started(started("failed"))
     await store.finish(
-        "cancelled", status=RunStatus.CANCELLED, cancel_reason=CancelReason.SUPERSEDED, text="par"
+        ended(
+            "cancelled",
+            status=RunStatus.CANCELLED,
+            cancel_reason=CancelReason.SUPERSEDED,
+            text="par",
+        )
     )
     await store.finish(
-        "failed",
-        status=RunStatus.FAILED,
-        error_code="agent_error",
-        error_message="The agent failed while producing the answer.",
-        finished_at=1_700_000_009.0,
+        ended(
+            "failed",
+            status=RunStatus.FAILED,
+            error_code="agent_error",
+            error_message="The agent failed while producing the answer.",
+            finished_at=1_700_000_009.0,
+        )
     )
     cancelled = await store.get("cancelled")
     assert cancelled is not None
@@ -261,7 +304,7 @@ async def test_update_text_saves_progress_until_the_run_ends(store: SqliteRunSto
     assert await store.update_text("r1", "so far")
     record = await store.get("r1")
     assert record is not None and record.text == "so far"
-    await store.finish("r1", status=RunStatus.COMPLETED, text="final")
+    await store.finish(ended("r1", status=RunStatus.COMPLETED, text="final"))
     # A late progress write never overwrites the terminal record.
     assert not await store.update_text("r1", "late")
     record = await store.get("r1")
@@ -295,8 +338,10 @@ async def test_recent_for_session_is_newest_first_and_limited(store: SqliteRunSt
 async def test_count_by_status(store: SqliteRunStore) -> None:
     for run_id in ("a", "b", "c"):
         await store.insert_started(started(run_id))
-    await store.finish("a", status=RunStatus.COMPLETED)
-    await store.finish("b", status=RunStatus.INTERRUPTED, cancel_reason=CancelReason.SHUTDOWN)
+    await store.finish(ended("a", status=RunStatus.COMPLETED))
+    await store.finish(
+        ended("b", status=RunStatus.INTERRUPTED, cancel_reason=CancelReason.SHUTDOWN)
+    )
     counts = await store.count_by_status()
     assert counts == {
         RunStatus.RUNNING: 1,
@@ -310,7 +355,7 @@ async def test_count_by_status(store: SqliteRunStore) -> None:
 async def test_delete_removes_record_and_output(store: SqliteRunStore) -> None:
     await store.insert_started(started("r1"))
     await store.finish(
-        "r1", status=RunStatus.CANCELLED, cancel_reason=CancelReason.SUPERSEDED, text="x"
+        ended("r1", status=RunStatus.CANCELLED, cancel_reason=CancelReason.SUPERSEDED, text="x")
     )
     assert await store.delete("r1")
     assert await store.get("r1") is None
@@ -325,7 +370,7 @@ async def test_runs_left_running_by_a_crash_are_interrupted_on_open(
 ) -> None:
     async with open_sqlite_store(tmp_path, clock=clock) as store:
         await store.insert_started(started("done"))
-        await store.finish("done", status=RunStatus.COMPLETED, text="ok")
+        await store.finish(ended("done", status=RunStatus.COMPLETED, text="ok"))
         await store.insert_started(started("orphan-1"))
         await store.insert_started(started("orphan-2"))
         await store.update_text("orphan-2", "half an ans")
@@ -356,7 +401,7 @@ async def test_runs_left_running_by_a_crash_are_interrupted_on_open(
 
 async def finished_at(store: SqliteRunStore, run_id: str, when: float) -> None:
     await store.insert_started(started(run_id, created_at=when - 1))
-    await store.finish(run_id, status=RunStatus.COMPLETED, finished_at=when)
+    await store.finish(ended(run_id, status=RunStatus.COMPLETED, finished_at=when))
 
 
 async def remaining(store: SqliteRunStore) -> list[str]:
@@ -416,18 +461,18 @@ async def test_a_failed_write_raises_a_safe_error_and_the_store_stays_usable(
     assert "op=insert_started" in caplog.text and "UNIQUE constraint failed" in caplog.text
 
     await store.insert_started(started("r2"))
-    await store.finish("r2", status=RunStatus.COMPLETED)
+    await store.finish(ended("r2", status=RunStatus.COMPLETED))
     record = await store.get("r2")
     assert record is not None and record.status is RunStatus.COMPLETED
 
 
 async def test_the_terminal_status_is_written_once(store: SqliteRunStore) -> None:
     await store.insert_started(started("r1"))
-    await store.finish("r1", status=RunStatus.COMPLETED, text="first")
+    await store.finish(ended("r1", status=RunStatus.COMPLETED, text="first"))
     with pytest.raises(StoreWriteError):
-        await store.finish("r1", status=RunStatus.FAILED, error_code="x", error_message="y")
+        await store.finish(ended("r1", status=RunStatus.FAILED, error_code="x", error_message="y"))
     with pytest.raises(StoreWriteError):
-        await store.finish("unknown", status=RunStatus.COMPLETED)
+        await store.finish(ended("unknown", status=RunStatus.COMPLETED))
     record = await store.get("r1")
     assert record is not None and (record.status, record.text) == (RunStatus.COMPLETED, "first")
 
@@ -435,11 +480,13 @@ async def test_the_terminal_status_is_written_once(store: SqliteRunStore) -> Non
 async def test_incoherent_arguments_are_a_programming_error(store: SqliteRunStore) -> None:
     await store.insert_started(started("r1"))
     with pytest.raises(ValueError, match="terminal status"):
-        await store.finish("r1", status=RunStatus.RUNNING)
+        await store.finish(ended("r1", status=RunStatus.RUNNING, finished_at=None))
     with pytest.raises(ValueError, match="no cancel reason"):
-        await store.finish("r1", status=RunStatus.COMPLETED, cancel_reason=CancelReason.SHUTDOWN)
-    with pytest.raises(ValueError, match="come together"):
-        await store.finish("r1", status=RunStatus.FAILED, error_code="x")
+        await store.finish(
+            ended("r1", status=RunStatus.COMPLETED, cancel_reason=CancelReason.SHUTDOWN)
+        )
+    with pytest.raises(ValueError, match="finished_at"):
+        await store.finish(ended("r1", status=RunStatus.COMPLETED, finished_at=None))
 
 
 async def test_check_constraints_back_up_the_record_rules(tmp_path: Path) -> None:
@@ -465,14 +512,14 @@ async def test_a_locked_database_fails_the_write_after_busy_timeout(tmp_path: Pa
         other = raw(tmp_path)
         other.execute("BEGIN IMMEDIATE")
         with pytest.raises(StoreWriteError) as caught:
-            await store.finish("r1", status=RunStatus.COMPLETED)
+            await store.finish(ended("r1", status=RunStatus.COMPLETED))
         assert_client_safe(caught.value)
         # Readers are not blocked by a writer in WAL mode.
         record = await store.get("r1")
         assert record is not None and record.status is RunStatus.RUNNING
         other.execute("ROLLBACK")
         other.close()
-        await store.finish("r1", status=RunStatus.COMPLETED)
+        await store.finish(ended("r1", status=RunStatus.COMPLETED))
 
 
 async def test_a_closed_store_refuses_calls(store: SqliteRunStore) -> None:
@@ -504,7 +551,7 @@ async def test_concurrent_writes_land_in_the_order_they_were_made(
             else:
                 await store.update_text(run_id, f"step {step}")
         made.append(f"{run_id}/end")
-        await store.finish(run_id, status=RunStatus.COMPLETED, text="done")
+        await store.finish(ended(run_id, status=RunStatus.COMPLETED, text="done"))
 
     async with trio.open_nursery() as nursery:
         for index in range(40):
@@ -549,7 +596,7 @@ async def test_closing_is_bounded_when_a_call_is_stuck(tmp_path: Path) -> None:
 
     async def finisher() -> None:
         try:
-            await store.finish("r1", status=RunStatus.COMPLETED)
+            await store.finish(ended("r1", status=RunStatus.COMPLETED))
         except StoreWriteError:
             outcomes.append("failed")
 
@@ -615,6 +662,11 @@ async def start_run(
     return run
 
 
+def completed(run: Run) -> RunResult:
+    """The result the engine would hand the store had ``run`` completed."""
+    return attrs.evolve(run.result, status=RunStatus.COMPLETED, finished_at=time.time())
+
+
 def make_run(
     agent: ScriptedAgent | StallingAgent | FailingAgent,
     observer: StoreObserver,
@@ -625,7 +677,6 @@ def make_run(
         session_id="s1",
         request=AgentRequest(prompt=prompt),
         agent=agent,
-        cleanup_budget=5.0,
         observer=observer,
         principal=principal,
     )
@@ -694,7 +745,7 @@ async def test_observer_reraises_a_failed_terminal_write(store: SqliteRunStore) 
         await start_run(nursery, observer, run)
     await store.delete(run.run_id)
     with pytest.raises(StoreWriteError) as caught:
-        await observer.run_ended(run, RunStatus.COMPLETED)
+        await observer.run_ended(run, completed(run))
     assert caught.value.error_info.code == "store_write_failed"
 
 

@@ -19,6 +19,7 @@ from server.core import (
     RunStatus,
     SessionManager,
 )
+from server.core.result import RunResult
 from server.core.run import Run
 from tests.helpers import assert_well_formed
 from tests.unit.test_http import AUTH, PATH, serving
@@ -33,7 +34,7 @@ class RecordingObserver:
     async def run_started(self, run: Run) -> None:
         return None
 
-    async def run_ended(self, run: Run, status: RunStatus) -> None:
+    async def run_ended(self, run: Run, result: RunResult) -> None:
         return None
 
     async def run_discarded(self, run: Run) -> None:

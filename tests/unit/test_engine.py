@@ -14,6 +14,7 @@ from server.core import AgentError, AgentRequest, CancelReason, EngineConfig, Se
 from server.core.agent import Agent
 from server.core.events import RunCancelled, RunFailed, RunInterrupted, RunStatus
 from server.core.lifecycle import RunState
+from server.core.result import RunResult
 from server.core.run import Run, RunObserver
 from tests.helpers import (
     AliveProbe,
@@ -114,7 +115,7 @@ class StuckObserver:
     async def run_started(self, run: Run) -> None:
         return None
 
-    async def run_ended(self, run: Run, status: RunStatus) -> None:
+    async def run_ended(self, run: Run, result: RunResult) -> None:
         self.calls += 1
         await trio.sleep_forever()
 
@@ -400,7 +401,7 @@ class FailingObserver:
     async def run_started(self, run: Run) -> None:
         raise OSError("database is down")
 
-    async def run_ended(self, run: Run, status: RunStatus) -> None:
+    async def run_ended(self, run: Run, result: RunResult) -> None:
         raise OSError("database is down")
 
 
@@ -484,10 +485,10 @@ async def test_engine_failure_in_one_session_leaves_the_others_serving(
 ) -> None:
     real_end = Run._end
 
-    def broken_end(self: Run, status: RunStatus) -> None:
+    def broken_end(self: Run) -> None:
         if self.request.prompt == "bug":
             raise LookupError("engine bug")
-        real_end(self, status)
+        real_end(self)
 
     monkeypatch.setattr(Run, "_end", broken_end)
     manager = await open_manager(nursery, ScriptedAgent(token_delay=1.0, reply_words=5))

@@ -31,6 +31,7 @@ from server.core import (
     SessionManager,
 )
 from server.core.events import AgentOutput, TextDelta, status_of
+from server.core.result import RunResult
 from server.core.run import Run
 from tests.helpers import assert_well_formed
 
@@ -65,9 +66,9 @@ class MemoryStore:
         await trio.sleep(0.01)  # a store takes time
         self.rows.setdefault(run.run_id, RunStatus.RUNNING.value)
 
-    async def run_ended(self, run: Run, status: RunStatus) -> None:
+    async def run_ended(self, run: Run, result: RunResult) -> None:
         await trio.sleep(0.01)
-        self.rows[run.run_id] = status.value
+        self.rows[run.run_id] = result.status.value
         self.writes[run.run_id] = self.writes.get(run.run_id, 0) + 1
 
     async def run_discarded(self, run: Run) -> None:

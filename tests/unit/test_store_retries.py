@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 from collections.abc import Awaitable, Callable
 from contextlib import suppress
-from typing import Any
 
 import attrs
 import pytest
@@ -14,6 +13,7 @@ import trio
 import trio.testing
 
 from server.core.events import RunStatus
+from server.core.result import RunResult
 from server.store import RunRecord, StoreObserver, StoreWriteError
 from server.store import observer as observer_module
 from server.store.observer import RETRY_MAX_INTERVAL, RETRY_MIN_INTERVAL
@@ -48,11 +48,11 @@ class RefusingStore:
         await self._call("insert_started")
         self.rows.setdefault(record.run_id, "running")
 
-    async def finish(self, run_id: str, *, status: RunStatus, **fields: Any) -> None:
+    async def finish(self, result: RunResult) -> None:
         await self._call("finish")
-        if run_id in self.broken:
+        if result.run_id in self.broken:
             raise StoreWriteError("finish")
-        self.rows[run_id] = status.value
+        self.rows[result.run_id] = result.status.value
         self.finished.set()
 
 
@@ -62,25 +62,35 @@ class Named:
     prompt: str = "a prompt"
 
 
+def completed(run_id: str) -> RunResult:
+    return RunResult(
+        run_id=run_id,
+        principal="alice",
+        session_id="s1",
+        agent="agent",
+        status=RunStatus.COMPLETED,
+        text="an answer",
+        created_at=1_700_000_000.0,
+        finished_at=1_700_000_001.0,
+    )
+
+
 @attrs.frozen
 class EndedRun:
     """What the observer reads of a run."""
 
     run_id: str
-    principal: str = "alice"
-    session_id: str = "s1"
-    text: str = "an answer"
-    usage: None = None
-    error: None = None
-    cancel_reason: None = None
     request: Named = Named()
-    agent: Named = Named()
+
+    @property
+    def result(self) -> RunResult:
+        return attrs.evolve(completed(self.run_id), status=RunStatus.RUNNING, finished_at=None)
 
 
 async def end(observer: StoreObserver, run_id: str) -> None:
     """A run ends; a refused terminal write is the run's error, not the test's."""
     with suppress(StoreWriteError):
-        await observer.run_ended(EndedRun(run_id), RunStatus.COMPLETED)  # type: ignore[arg-type]
+        await observer.run_ended(EndedRun(run_id), completed(run_id))  # type: ignore[arg-type]
 
 
 def retry_times(store: RefusingStore) -> list[float]:
