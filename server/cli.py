@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -228,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             DEV_KEY,
         )
     from .launcher import serve
+    from .shutdown import SHUTDOWN_SIGNALS
     from .startup import EXIT_STARTUP_ERROR, StartupError
 
     try:
@@ -235,3 +237,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except StartupError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         raise SystemExit(EXIT_STARTUP_ERROR) from None
+    # serve() took every shutdown signal while it ran and has cleaned up; one
+    # that arrives while the interpreter exits must not change the exit status.
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

@@ -100,7 +100,7 @@ async def serve(
         try:
             app = create_app(settings, agent=agent)
         except AgentConfigError as exc:
-            raise agent_error(exc) from None
+            raise agent_error(exc) from exc
         state = app_state(app)
 
         async def drain_on_signal() -> None:
@@ -114,7 +114,7 @@ async def serve(
         try:
             sockets = listening_sockets(config, settings)
         except OSError as exc:
-            raise bind_error(exc, settings) from None
+            raise bind_error(exc, settings) from exc
         guard = StartupGuard(app, app.logger)
         try:
             with guard.cancel_scope:

@@ -33,6 +33,7 @@ import trio
 
 from .logs import log_event
 
+# The launcher's log: shutdown_requested sits with draining and drained.
 logger = logging.getLogger("server.launcher")
 
 SHUTDOWN_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)

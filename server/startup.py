@@ -101,8 +101,12 @@ class StartupGuard:
     def raise_failure(self) -> None:
         """Raise the start-up error, if there was one: a
         :class:`StartupError` if the operator can fix it, else the error."""
-        if self.failure is not None:
-            raise app_error(self.failure) or self.failure
+        if self.failure is None:
+            return
+        error = app_error(self.failure)
+        if error is None:
+            raise self.failure
+        raise error from self.failure
 
     async def __call__(
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
