@@ -7,8 +7,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import sys
 from collections.abc import Mapping, Sequence
 from functools import partial
+from typing import NoReturn
 
 import trio
 
@@ -18,6 +21,7 @@ from .settings import DEV_KEY, Settings
 
 logger = logging.getLogger("server")
 ENV_PREFIX = "STREAM_SERVER_"
+PROG = "trio-stream-server"
 
 
 def _env_name(flag: str) -> str:
@@ -37,10 +41,17 @@ def _parse_bool(text: str) -> bool:
     raise ValueError(f"expected 1/true/yes/on or 0/false/no/off, got {text!r}")
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A bad flag: one line naming it (exit status 2), without the usage
+        of forty flags around it (``--help`` has that)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     defaults = Settings()
-    parser = argparse.ArgumentParser(
-        prog="trio-stream-server",
+    parser = _Parser(
+        prog=PROG,
         description="Streaming server for LLM agent chat sessions (Hypercorn, trio worker).",
         epilog="Every flag can also be set as STREAM_SERVER_<FLAG> (e.g. STREAM_SERVER_PORT).",
     )
@@ -241,6 +252,9 @@ def parse_settings(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """Exit status: 0 after a shutdown by signal (SIGINT, SIGTERM, SIGHUP),
+    2 for a bad flag or a start-up error the operator can fix (one line on
+    stderr), 1 for anything else (a bug: its traceback)."""
     settings = parse_settings(argv)
     configure_logging(settings.log_level, settings.log_format)
     if settings.uses_dev_key:
@@ -250,5 +264,15 @@ def main(argv: Sequence[str] | None = None) -> None:
             DEV_KEY,
         )
     from .launcher import serve
+    from .shutdown import SHUTDOWN_SIGNALS
+    from .startup import EXIT_STARTUP_ERROR, StartupError
 
-    trio.run(partial(serve, settings))
+    try:
+        trio.run(partial(serve, settings))
+    except StartupError as exc:
+        sys.stderr.write(f"{PROG}: error: {exc}\n")
+        raise SystemExit(EXIT_STARTUP_ERROR) from None
+    # serve() took every shutdown signal while it ran and has cleaned up; one
+    # that arrives while the interpreter exits must not change the exit status.
+    for signum in SHUTDOWN_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)

@@ -1,11 +1,14 @@
-"""Serve the app with Hypercorn's trio worker and drain runs on SIGINT/SIGTERM.
+"""Serve the app with Hypercorn's trio worker; drain runs on SIGINT, SIGTERM
+or SIGHUP (:mod:`server.shutdown`), report start-up errors as one line
+(:mod:`server.startup`).
 
 Why a launcher: Hypercorn cuts open connections ``graceful_timeout`` after
 its shutdown trigger fires, and only then runs the ASGI lifespan shutdown.
 Draining therefore happens *inside* the shutdown trigger, while connections
 are still open: stop admitting runs (503), let live runs finish for up to
 ``drain_timeout``, cancel the rest with reason ``shutdown`` (their clients
-get ``run.interrupted``), and only then let Hypercorn close.
+get ``run.interrupted``), and only then let Hypercorn close. A second
+signal during the drain skips the rest of the drain timeout.
 
 Limits at the socket: request heads (line and headers) are bounded by
 ``--max-header-bytes`` (Hypercorn answers a bigger one with 431 and closes
@@ -20,7 +23,6 @@ above the socket could end such a write.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 from functools import partial
 
@@ -30,9 +32,13 @@ from hypercorn.config import Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
+from .agents import AgentConfigError
 from .core.agent import Agent
+from .core.manager import SessionManager
 from .logs import log_event
 from .settings import Settings
+from .shutdown import shutdown_signals
+from .startup import StartupGuard, agent_error, bind_error
 from .web.app import create_app
 from .web.state import app_state
 
@@ -40,6 +46,8 @@ logger = logging.getLogger(__name__)
 
 # Time for responses to write their terminal frames after the drain.
 FLUSH_TIMEOUT = 5.0
+# Time beyond the cleanup budget that the drain waits for interrupted runs.
+CLEANUP_SLACK = 1.0
 
 
 def hypercorn_config(settings: Settings) -> HypercornConfig:
@@ -82,39 +90,76 @@ async def serve(
     agent: Agent | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    app = create_app(settings, agent=agent)
-    state = app_state(app)
+    """Serve until a shutdown signal (see :mod:`server.shutdown`), then drain.
 
+    Raises :class:`~server.startup.StartupError` for a start-up error the
+    operator can fix; nothing is logged as ``listening`` then."""
     # Installed before Hypercorn starts listening, so a signal that arrives
     # as soon as the server is up waits here instead of killing the process.
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with shutdown_signals() as signals:
+        try:
+            app = create_app(settings, agent=agent)
+        except AgentConfigError as exc:
+            raise agent_error(exc) from exc
+        state = app_state(app)
 
         async def drain_on_signal() -> None:
-            async for signum in signals:
-                log_event(logger, "shutdown_requested", signal=signal.Signals(signum).name)
-                break
+            await signals.requested.wait()
             if state.manager is not None:
                 log_event(logger, "draining", timeout_s=settings.drain_timeout)
-                await state.manager.drain(grace_period=settings.drain_timeout)
+                await drain(state.manager, settings, hurry=signals.hurried)
             log_event(logger, "drained")
 
         config = hypercorn_config(settings)
-        sockets = listening_sockets(config, settings)
         try:
-            async with trio.open_nursery() as nursery:
-                # hypercorn.trio.serve, with our sockets.
-                binds: list[str] = await nursery.start(
-                    partial(
-                        worker_serve,
-                        wrap_app(app, config.wsgi_max_body_size, "asgi"),
-                        config,
-                        sockets=sockets,
-                        shutdown_trigger=drain_on_signal,
+            sockets = listening_sockets(config, settings)
+        except OSError as exc:
+            raise bind_error(exc, settings) from exc
+        guard = StartupGuard(app, app.logger)
+        try:
+            with guard.cancel_scope:
+                async with trio.open_nursery() as nursery:
+                    # hypercorn.trio.serve, with our sockets.
+                    binds: list[str] = await nursery.start(
+                        partial(
+                            worker_serve,
+                            wrap_app(guard, config.wsgi_max_body_size, "asgi"),
+                            config,
+                            sockets=sockets,
+                            shutdown_trigger=drain_on_signal,
+                        )
                     )
-                )
-                for bind in binds:
-                    log_event(logger, "listening", url=bind)
-                task_status.started(binds)
+                    for bind in binds:
+                        log_event(logger, "listening", url=bind)
+                    task_status.started(binds)
         finally:
             for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:
                 sock.close()
+        guard.raise_failure()
+
+
+async def drain(manager: SessionManager, settings: Settings, *, hurry: trio.Event) -> None:
+    """``manager.drain``: stop admitting runs, give live ones the drain
+    timeout, interrupt the rest (reason ``shutdown``) and await their
+    cleanup. Once ``hurry`` is set, the rest of the drain timeout is skipped.
+
+    Bounded: each run's cleanup is bounded by the cleanup budget; should
+    runs still be live a cleanup budget (and a little) after the drain
+    timeout, a warning says so and Hypercorn closes anyway (the lifespan
+    shutdown then interrupts what is left)."""
+
+    async def interrupt_when_hurried() -> None:
+        await hurry.wait()
+        log_event(logger, "drain_skipped", live_runs=len(manager.live_runs.runs))
+        await manager.drain(grace_period=0)
+
+    with trio.move_on_after(
+        settings.drain_timeout + settings.cleanup_budget + CLEANUP_SLACK
+    ) as waited:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(interrupt_when_hurried)
+            await manager.drain(grace_period=settings.drain_timeout)
+            nursery.cancel_scope.cancel()
+    if waited.cancelled_caught:
+        live = len(manager.live_runs.runs)
+        log_event(logger, "drain_incomplete", logging.WARNING, live_runs=live)
