@@ -9,7 +9,8 @@ early.
 
 Shapes (prefix ``tss:``, see docs/cluster.md):
 
-* ``fence``: INCR counter, the only source of tokens (Rule 1).
+* ``fence``: the only source of tokens (Rule 1): INCR, never below the Redis
+  clock in microseconds (see ``_NEXT_TOKEN``).
 * ``lease:{principal}:{sid}``: hash ``node``, ``token``, ``busy`` ("1"/"0"),
   ``run`` ("" for none), ``prev`` (the token it was handed over from);
   PEXPIRE ttl (Rule 2: an expired lease is a missing key).
@@ -109,16 +110,36 @@ local function last_event(key)
 end
 """
 
+# The next fencing token: INCR of the fence, but never below the Redis
+# clock in microseconds. A Redis that lost its data (restarted without
+# persistence, a failover to a replica that missed the last INCRs) starts
+# again above every token it gave before, so a paused node's old token can
+# never match a new lease. Tokens stay below 2^53 (exact in Lua) until 2255.
+_NEXT_TOKEN = """
+local function next_token(fence)
+  local now = redis.call('TIME')
+  local floor = tonumber(now[1]) * 1000000 + tonumber(now[2])
+  local token = redis.call('INCR', fence)
+  if token < floor then
+    token = floor
+    redis.call('SET', fence, string.format('%d', token))
+  end
+  return token
+end
+"""
+
 # KEYS lease, fence; ARGV node, ttl_ms.
 # -> {1, token} (taken, busy: a fresh lease is taken for a submission on
 #    its way) or a holder.
 ACQUIRE = (
     _HOLDER
+    + _NEXT_TOKEN
     + """
 local h = holder(KEYS[1])
 if h then return h end
-local token = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'node', ARGV[1], 'token', token, 'busy', '1', 'run', '')
+local token = next_token(KEYS[2])
+redis.call('HSET', KEYS[1], 'node', ARGV[1], 'token', string.format('%d', token),
+           'busy', '1', 'run', '')
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {1, token}
 """
@@ -146,18 +167,21 @@ return 1
 # A handover that already happened (a retry after a lost answer: the lease
 # names to_node and was handed over from this token) answers its token again
 # and writes nothing.
-HAND_OVER = """
+HAND_OVER = (
+    _NEXT_TOKEN
+    + """
 local h = redis.call('HMGET', KEYS[1], 'token', 'node', 'prev')
 if h[1] ~= ARGV[1] then
   if h[1] and h[3] == ARGV[1] and h[2] == ARGV[2] then return tonumber(h[1]) end
   return 0
 end
-local token = redis.call('INCR', KEYS[2])
-redis.call('HSET', KEYS[1], 'node', ARGV[2], 'token', token, 'busy', '1', 'run', '',
-           'prev', ARGV[1])
+local token = next_token(KEYS[2])
+redis.call('HSET', KEYS[1], 'node', ARGV[2], 'token', string.format('%d', token),
+           'busy', '1', 'run', '', 'prev', ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return token
 """
+)
 
 # KEYS lease, events, record, session runs;
 # ARGV token, max_events, retain_ms, live_ms, record ('' none), created_at,
