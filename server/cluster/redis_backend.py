@@ -3,11 +3,13 @@
 :class:`RedisBackend` implements :class:`~server.cluster.backend.ClusterBackend`:
 each fenced primitive is one Lua script (:mod:`server.cluster.redis_scripts`,
 EVALSHA with a NOSCRIPT fallback that loads it), so checking the token and
-writing are one atomic step on the server. This module is the only one that
-imports ``coredis`` (the ``cluster`` extra); nothing imports it unless
+writing are one atomic step on the server. This module and
+:mod:`server.cluster.redis_clients` are the only ones that import
+``coredis`` (the ``cluster`` extra); nothing imports them unless
 ``--redis-url`` asks for it.
 
-Connections: two coredis clients, each with a pool of its own.
+Connections: two coredis clients, each with a pool of its own
+(:func:`server.cluster.redis_clients.clients`).
 
 * *commands*: every non-blocking call. coredis multiplexes requests on a
   pooled connection (it releases the connection once a request is written),
@@ -47,13 +49,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Final, Literal, Self, TypeVar
-from urllib.parse import urlparse
 
 import coredis
 import coredis.exceptions
 import trio
 from coredis.commands.script import Script
-from coredis.retry import ConstantRetryPolicy
 
 from . import redis_scripts as lua
 from .backend import (
@@ -67,58 +67,13 @@ from .backend import (
     ReplyStatus,
     SessionRef,
 )
+from .redis_clients import DEFAULT_MAX_BLOCKING, DEFAULT_TIMEOUT, MAX_BLOCK, clients
 
 # Seconds a blocking read waits at most in one call.
-MAX_BLOCK: Final = 10.0
-DEFAULT_TIMEOUT: Final = 2.0
-DEFAULT_MAX_BLOCKING: Final = 64
 # Entries one run_events / read_intents call returns at most.
 READ_BATCH: Final = 1000
-URL_SCHEMES: Final = ("redis", "rediss", "unix")
 
 T = TypeVar("T")
-
-
-class _ClosingStreams(coredis.connection.BaseConnection):
-    """Workaround for coredis 6.9 (connection/_base.py): a connection makes
-    its anyio memory streams in ``__init__`` and closes them only in
-    ``run`` once connected, so every refused connect (Redis down) leaves six
-    unclosed streams behind, each a ResourceWarning when collected. Close
-    them when connecting fails. tests/cluster/test_redis_outage.py's
-    ``test_coredis_still_leaks_streams_of_a_refused_connect`` fails once
-    coredis closes them itself: then this can go."""
-
-    async def _connect(self) -> Any:
-        try:
-            return await super()._connect()  # type: ignore[safe-super]  # a concrete one follows in the MRO
-        except BaseException:
-            for stream in (
-                self._write_buffer_in,
-                self._write_buffer_out,
-                self._push_message_buffer_in,
-                self._push_message_buffer_out,
-                self._streamed_message_buffer_in,
-                self._streamed_message_buffer_out,
-            ):
-                stream.close()
-            raise
-
-
-class _TCPConnection(_ClosingStreams, coredis.TCPConnection):
-    pass
-
-
-class _UnixConnection(_ClosingStreams, coredis.UnixDomainSocketConnection):
-    pass
-
-
-def _with_closing_streams(client: coredis.Redis[str]) -> coredis.Redis[str]:
-    pool = client.connection_pool
-    if issubclass(pool.connection_class, coredis.TCPConnection):
-        pool.connection_class = _TCPConnection
-    elif issubclass(pool.connection_class, coredis.UnixDomainSocketConnection):
-        pool.connection_class = _UnixConnection
-    return client
 
 
 def _is_outage(error: BaseException) -> bool:
@@ -181,16 +136,6 @@ def _created_at(record: dict[str, Any]) -> float:
     return float(value) if isinstance(value, int | float) else time.time()
 
 
-def check_url(url: str) -> str:
-    """``url`` if it names a Redis server, else ValueError with the reason."""
-    parsed = urlparse(url)
-    if parsed.scheme not in URL_SCHEMES:
-        raise ValueError(f"redis url must start with redis://, rediss:// or unix://: {url!r}")
-    if parsed.scheme != "unix" and not parsed.hostname:
-        raise ValueError(f"redis url has no host: {url!r}")
-    return url
-
-
 class RedisBackend:
     """The seam's primitives on one Redis; see the module docstring."""
 
@@ -233,23 +178,7 @@ class RedisBackend:
         prefix: str = lua.PREFIX,
     ) -> Self:
         """A backend for ``redis://host:port/db`` (no I/O until entered)."""
-        check_url(url)
-        # Once, on a connection error only: a timeout may have taken effect.
-        retry = ConstantRetryPolicy((coredis.exceptions.ConnectionError,), retries=1, delay=0)
-        common: dict[str, Any] = {
-            "decode_responses": True,
-            "connect_timeout": timeout,
-            "pool_timeout": timeout,
-            "retry_policy": retry,
-        }
-        commands = _with_closing_streams(
-            coredis.Redis.from_url(url, stream_timeout=timeout, max_connections=8, **common)
-        )
-        blocking = _with_closing_streams(
-            coredis.Redis.from_url(
-                url, stream_timeout=timeout + MAX_BLOCK, max_connections=max_blocking, **common
-            )
-        )
+        commands, blocking = clients(url, timeout=timeout, max_blocking=max_blocking)
         return cls(
             commands, blocking, timeout=timeout, retain_seconds=retain_seconds, prefix=prefix
         )

@@ -127,7 +127,7 @@ def test_a_url_that_names_no_redis_is_refused() -> None:
 
 
 async def test_coredis_still_leaks_streams_of_a_refused_connect() -> None:
-    """Shows when redis_backend._ClosingStreams can go: plain coredis 6.9
+    """Shows when redis_clients._ClosingStreams can go: plain coredis 6.9
     leaves a refused connection's memory streams unclosed. Once this fails,
     coredis closes them itself."""
     client = coredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0", connect_timeout=1)
