@@ -213,7 +213,7 @@ if first then
 end
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[3], ARGV[5])
-  redis.call('ZADD', KEYS[4], ARGV[6], ARGV[7])
+  redis.call('ZADD', KEYS[4], 'NX', ARGV[6], ARGV[7])
   redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -101)
 end
 local ttl = ended and ARGV[3] or ARGV[4]
@@ -236,7 +236,7 @@ if ended then return -2 end
 local seq = last + 1
 redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'seq', seq, 't', '1', 'e', ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3])
-redis.call('ZADD', KEYS[4], ARGV[5], ARGV[6])
+redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[6])
 redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -101)
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
