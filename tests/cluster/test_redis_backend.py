@@ -114,6 +114,25 @@ async def test_acquire_takes_a_free_session_and_names_the_holder_otherwise(
     assert (holder.node, holder.token, holder.busy) == ("A", lease.token, True)
 
 
+async def test_nodes_racing_for_a_session_get_one_lease(
+    backend: RedisBackend, redis_server: RedisProcess
+) -> None:
+    results: list[Lease | Holder] = []
+    async with RedisBackend.from_url(redis_server.url) as other:
+
+        async def take(node: str, via: RedisBackend) -> None:
+            results.append(await via.acquire(S, node, TTL))
+
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(take, f"node{n}", backend if n % 2 else other)
+    leases = [r for r in results if isinstance(r, Lease)]
+    assert len(leases) == 1
+    assert {(r.node, r.token) for r in results if isinstance(r, Holder)} == {
+        (leases[0].node, leases[0].token)
+    }
+
+
 async def test_renew_extends_the_lease_and_records_busy_and_run(
     backend: RedisBackend, raw: coredis.Redis[str]
 ) -> None:
