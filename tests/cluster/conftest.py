@@ -1,0 +1,54 @@
+"""Fixtures for the cluster tests: a real ``redis-server`` of their own.
+
+Each test gets a fresh ``redis-server`` (Debian's package) on a free
+loopback port, persistence off, in a temporary directory, stopped and waited
+for at teardown; :class:`~tests.cluster.redis_process.RedisProcess` can
+``stop``, ``restart`` (same port, empty) and ``pause``/``resume`` it. A
+missing binary skips these tests with the reason, unless
+``STREAM_SERVER_REQUIRE_REDIS=1`` (set by ``.ci/run``) makes it a failure.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Generator, Iterator
+
+import pytest
+
+from .redis_process import RedisProcess, redis_server_path, running_redis
+
+REQUIRE_REDIS = os.environ.get("STREAM_SERVER_REQUIRE_REDIS") == "1"
+
+
+def redis_unavailable(reason: str) -> None:
+    if REQUIRE_REDIS:
+        pytest.fail(f"{reason} (STREAM_SERVER_REQUIRE_REDIS=1 requires the cluster tests)")
+    pytest.skip(f"{reason}; install Debian's redis-server (apt-get install redis-server)")
+
+
+@pytest.fixture(scope="session")
+def redis_executable() -> str:
+    path = redis_server_path()
+    if path is None:
+        redis_unavailable("no redis-server executable on this machine")
+    assert path is not None
+    return path
+
+
+@pytest.fixture
+def redis_server(redis_executable: str) -> Iterator[RedisProcess]:
+    """A fresh, empty redis-server for this test."""
+    with running_redis(redis_executable) as redis:
+        yield redis
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.failed:
+        redis = getattr(item, "funcargs", {}).get("redis_server")
+        if isinstance(redis, RedisProcess):
+            report.sections.append((f"redis-server log :{redis.port}", redis.log_text()))
+    return report
