@@ -56,6 +56,7 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # our format (server.logs.configure_logging).
     config.accesslog = logging.getLogger("hypercorn.access")
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = settings.keep_alive_timeout
     config.h11_max_incomplete_size = settings.max_header_bytes
     config.h2_max_header_list_size = settings.max_header_bytes
     return config
