@@ -1,0 +1,265 @@
+"""Connections end when HTTP says they do (issue 11, findings 1 and 7).
+
+Raw sockets against a real server on loopback: the server closes after
+``Connection: close``, after HTTP/1.0, after a 401 (which says ``close``)
+and once a kept-alive connection was idle for ``--keep-alive-timeout``. A
+request pipelined behind an error that was answered before its body was
+read gets no answer, but the error always arrives whole, then EOF; behind
+an error answered after the body was read, the connection goes on.
+
+The last two tests serve a bare Quart-Trio app with Hypercorn in this
+process: upstream's HTTP connection still leaves the socket open after
+``Connection: close`` (strict xfail: it passes, and so fails, once upstream
+is fixed; then ``server/web/asgi.py`` can drop its workaround), ours closes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import pytest
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app
+from quart_trio import QuartTrio
+
+from server.web.asgi import StreamingHTTPConnection
+
+from .harness import FAST_REPLY, ServerProcess, running_server
+from .wire import CHAT_PATH, DEV_KEY
+
+KEEP_ALIVE = 0.5
+# A close that works comes within milliseconds (or the keep-alive timeout):
+# this only bounds a test that would otherwise wait forever.
+EOF_WAIT = 10.0
+# A bare app's close is as quick; a shorter bound keeps the xfail cheap.
+UPSTREAM_EOF_WAIT = 2.0
+TRIES = 20
+PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+
+
+@pytest.fixture(scope="module")
+def connection_server() -> Iterator[ServerProcess]:
+    with running_server(*FAST_REPLY, "--keep-alive-timeout", str(KEEP_ALIVE)) as server:
+        yield server
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+@dataclass
+class Exchange:
+    """What came back on one connection: the whole responses, any bytes
+    after them, and whether the server closed the connection."""
+
+    responses: list[Response] = field(default_factory=list)
+    rest: bytes = b""
+    eof: bool = False
+
+    @property
+    def statuses(self) -> list[int]:
+        return [response.status for response in self.responses]
+
+
+def parse_responses(data: bytes) -> tuple[list[Response], bytes]:
+    """Whole HTTP/1.x responses (each with a ``Content-Length``) at the start
+    of ``data``, and what follows them."""
+    responses: list[Response] = []
+    while True:
+        head, sep, rest = data.partition(b"\r\n\r\n")
+        if not sep:
+            return responses, data
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {
+            name.strip().lower(): value.strip()
+            for name, _, value in (line.partition(":") for line in lines)
+        }
+        length = int(headers["content-length"])
+        if len(rest) < length:
+            return responses, data
+        responses.append(Response(int(status_line.split()[1]), headers, rest[:length]))
+        data = rest[length:]
+
+
+def address(server: ServerProcess) -> tuple[str, int]:
+    host, _, port = server.url.removeprefix("http://").rpartition(":")
+    return host, int(port)
+
+
+async def read_until_eof(
+    stream: trio.SocketStream, exchange: Exchange, responses: int | None, wait: float
+) -> None:
+    """Read into ``exchange`` until EOF, or (with ``responses``) until that
+    many whole responses came; give up after ``wait`` seconds."""
+    received = exchange.rest
+    with trio.move_on_after(wait):
+        while responses is None or len(exchange.responses) < responses:
+            data = await stream.receive_some()
+            if not data:
+                exchange.eof = True
+                break
+            received += data
+            found, received = parse_responses(received)
+            exchange.responses.extend(found)
+    exchange.rest = received
+
+
+async def exchange_on(
+    target: tuple[str, int], *writes: bytes, wait: float = EOF_WAIT, until: int | None = None
+) -> Exchange:
+    """Open a connection, send each of ``writes`` in one write (waiting for
+    one more whole response between writes), then read until EOF (or until
+    ``until`` whole responses came)."""
+    exchange = Exchange()
+    async with await trio.open_tcp_stream(*target) as stream:
+        for index, payload in enumerate(writes):
+            await stream.send_all(payload)
+            if index < len(writes) - 1:
+                await read_until_eof(stream, exchange, len(exchange.responses) + 1, wait)
+        await read_until_eof(stream, exchange, until, wait)
+    return exchange
+
+
+def post(path: str, body: bytes, *, key: str = DEV_KEY, **headers: str) -> bytes:
+    head = [
+        f"POST {path} HTTP/1.1",
+        "Host: t",
+        f"Authorization: Bearer {key}",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *(f"{name.replace('_', '-')}: {value}" for name, value in headers.items()),
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+CHAT = json.dumps({"messages": [{"role": "user", "content": "hello"}]}).encode()
+
+
+# --- finding 1: the server closes ---------------------------------------------
+
+
+async def test_server_closes_after_a_connection_close_request(
+    connection_server: ServerProcess,
+) -> None:
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    exchange = await exchange_on(address(connection_server), request)
+    assert (exchange.statuses, exchange.rest, exchange.eof) == ([200], b"", True)
+
+
+async def test_server_closes_after_an_http_1_0_request(connection_server: ServerProcess) -> None:
+    exchange = await exchange_on(address(connection_server), b"GET /healthz HTTP/1.0\r\n\r\n")
+    assert (exchange.statuses, exchange.rest, exchange.eof) == ([200], b"", True)
+
+
+async def test_server_closes_after_a_401(connection_server: ServerProcess) -> None:
+    request = b"GET /v1/runs/run_x HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer nope\r\n\r\n"
+    exchange = await exchange_on(address(connection_server), request)
+    assert (exchange.statuses, exchange.rest, exchange.eof) == ([401], b"", True)
+    assert exchange.responses[0].headers["connection"] == "close"
+
+
+async def test_server_closes_a_kept_alive_connection_once_idle(
+    connection_server: ServerProcess,
+) -> None:
+    # Kept alive between the two requests, closed once idle.
+    exchange = await exchange_on(address(connection_server), PIPELINED, PIPELINED)
+    assert (exchange.statuses, exchange.rest, exchange.eof) == ([200, 200], b"", True)
+    assert "connection" not in exchange.responses[0].headers
+
+
+# --- finding 7: pipelining behind an early error --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("request_head", "status", "code"),
+    [
+        (post(CHAT_PATH, CHAT, key="nope"), 401, "unauthorized"),
+        (post(CHAT_PATH, CHAT, X_Session_Id="no spaces"), 400, "invalid_session_id"),
+    ],
+    ids=["401", "400"],
+)
+async def test_pipelined_request_behind_an_error_before_the_body_gets_eof_after_it(
+    connection_server: ServerProcess, request_head: bytes, status: int, code: str
+) -> None:
+    # The error says Connection: close, so the request behind it is not
+    # answered; the error itself always arrives whole.
+    outcomes = []
+    for _ in range(TRIES):
+        exchange = await exchange_on(address(connection_server), request_head + PIPELINED)
+        codes = [json.loads(response.body)["error"]["code"] for response in exchange.responses]
+        outcomes.append((exchange.statuses, codes, exchange.rest, exchange.eof))
+    assert outcomes == [([status], [code], b"", True)] * TRIES
+
+
+async def test_pipelined_request_behind_an_error_after_the_body_is_answered(
+    connection_server: ServerProcess,
+) -> None:
+    outcomes = []
+    for _ in range(TRIES):
+        exchange = await exchange_on(
+            address(connection_server),
+            post(CHAT_PATH, b"{not json") + PIPELINED,
+            PIPELINED,
+            until=3,
+        )
+        outcomes.append((exchange.statuses, exchange.rest, exchange.eof))
+    # Kept alive: both answered, and a third request on the same connection.
+    assert outcomes == [([400, 200, 200], b"", False)] * TRIES
+
+
+# --- when the workaround can go ---------------------------------------------------
+
+
+def bare_app(connection_class: type | None) -> QuartTrio:
+    app = QuartTrio(__name__)
+    if connection_class is not None:
+        app.asgi_http_class = connection_class
+
+    @app.get("/")
+    async def index() -> str:  # noqa: ASYNC124
+        return "ok"
+
+    return app
+
+
+async def eof_after_connection_close(app: QuartTrio) -> bool:
+    config = HypercornConfig()
+    config.bind = ["127.0.0.1:0"]
+    config.errorlog = logging.getLogger("hypercorn.error")
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds: list[str] = await nursery.start(
+            partial(
+                worker_serve,
+                wrap_app(app, config.wsgi_max_body_size, "asgi"),
+                config,
+                shutdown_trigger=shutdown.wait,
+            )
+        )
+        host, _, port = binds[0].removeprefix("http://").rpartition(":")
+        request = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+        exchange = await exchange_on((host, int(port)), request, wait=UPSTREAM_EOF_WAIT)
+        shutdown.set()
+    assert exchange.statuses == [200]
+    return exchange.eof
+
+
+@pytest.mark.xfail(
+    reason="quart-trio cancels Hypercorn's close from inside the last send "
+    "(server/web/asgi.py); once this passes, drop that workaround"
+)
+async def test_upstream_quart_trio_still_cancels_hypercorns_close() -> None:
+    assert await eof_after_connection_close(bare_app(None))
+
+
+async def test_our_connection_class_lets_hypercorn_close() -> None:
+    assert await eof_after_connection_close(bare_app(StreamingHTTPConnection))
