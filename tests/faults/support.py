@@ -9,7 +9,9 @@ The task count is read over a fresh connection each time and compared with
 a baseline read the same way, so the probe's own connection tasks are in
 both figures. Sessions are dropped quickly (``--idle-timeout``), so an idle
 server holds no session tasks; a connection that just closed takes a moment
-to leave the tree, hence the polling under a deadline.
+to leave the tree (a kept-alive one up to ``--keep-alive-timeout``, short
+here: Hypercorn holds it until its idle timer ends), hence the polling under
+a deadline; the probes themselves say ``Connection: close``.
 """
 
 from __future__ import annotations
@@ -31,8 +33,18 @@ from tests.integration.wire import CHAT_PATH, auth
 ADMIN_KEY = "fault-admin"
 SETTLE_TIMEOUT = 15.0
 TERMINAL = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})
-# Quick session turnover, short drain: a fault server is idle again soon.
-FAULT_SERVER_ARGS = ("--admin-key", ADMIN_KEY, "--idle-timeout", "0.3", "--drain-timeout", "2")
+# Quick session and connection turnover, short drain: a fault server is idle
+# again soon.
+FAULT_SERVER_ARGS = (
+    "--admin-key",
+    ADMIN_KEY,
+    "--idle-timeout",
+    "0.3",
+    "--keep-alive-timeout",
+    "1",
+    "--drain-timeout",
+    "2",
+)
 
 
 @contextmanager
@@ -56,7 +68,12 @@ def ndjson_headers(session_id: str | None = None) -> dict[str, str]:
 
 async def debug_tasks(server: ServerProcess) -> dict[str, Any]:
     async with httpx2.AsyncClient(base_url=server.url, timeout=10.0) as client:
-        response = await client.get("/debug/tasks", headers=auth(ADMIN_KEY))
+        # Connection: close, so the probe's own connection leaves the task
+        # tree as soon as it is answered (a kept-alive one stays until its
+        # idle timer ends, even after the client closed it).
+        response = await client.get(
+            "/debug/tasks", headers={**auth(ADMIN_KEY), "Connection": "close"}
+        )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body
