@@ -63,7 +63,7 @@ from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
 from .state import app_state
-from .streaming import RunStream
+from .streaming import StreamResponse
 
 # How long a response that closes the connection waits for the rest of the
 # request it answers (see StreamingHTTPConnection); a body that takes longer
@@ -111,9 +111,8 @@ class StreamingHTTPConnection(TrioASGIHTTPConnection):
         response = None
         try:
             response = await self.app.handle_request(request)
-            stream = getattr(response, "run_stream", None)
-            if isinstance(stream, RunStream):
-                stream.meter = app_state(cast(QuartTrio, self.app)).metrics
+            if isinstance(response, StreamResponse):
+                response.run_stream.meter = app_state(cast(QuartTrio, self.app)).metrics
             timeout = self.app.config["RESPONSE_TIMEOUT"]
             if isinstance(response, Response) and response.timeout is not Ellipsis:
                 timeout = cast(float | None, response.timeout)
@@ -124,9 +123,8 @@ class StreamingHTTPConnection(TrioASGIHTTPConnection):
                     await self._send_response(send, response)
             nursery.cancel_scope.cancel()
         finally:
-            stream = getattr(response, "run_stream", None)
-            if isinstance(stream, RunStream):
-                stream.close()
+            if isinstance(response, StreamResponse):
+                response.run_stream.close()
 
 
 def _closes(message: ASGISendEvent) -> bool:

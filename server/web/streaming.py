@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import attrs
 import trio
-from quart import Response
+from quart_trio.wrappers import TrioResponse
 
 from ..core.eventlog import Subscription
 from ..core.events import CancelReason, TerminalEvent
@@ -175,19 +175,22 @@ def dropped_frame(encoder: FrameEncoder, run: Run, sent_seq: int) -> bytes:
     raise TypeError(f"no dropped frame for {type(encoder).__name__}")
 
 
-def streaming_response(
-    response_class: type[Response], stream: RunStream, headers: dict[str, str]
-) -> Response:
-    response = response_class(
-        # Quart-Trio streams async generators; anything else it iterates
-        # synchronously.
-        aiter(stream),
-        content_type=stream.encoder.media_type,
-        headers={**STREAM_HEADERS, **headers},
-    )
-    response.timeout = None  # a stream ends when its run does, not at 60 s
-    response.run_stream = stream  # type: ignore[attr-defined]  # see StreamingHTTPConnection
-    return response
+class StreamResponse(TrioResponse):
+    """A streaming response whose body reads one run: the HTTP connection
+    (:class:`~server.web.asgi.StreamingHTTPConnection`) finds the
+    :class:`RunStream` here, to meter it and to close it if the body was
+    never iterated."""
+
+    def __init__(self, stream: RunStream, headers: dict[str, str]) -> None:
+        super().__init__(
+            # Quart-Trio streams async generators; anything else it iterates
+            # synchronously.
+            aiter(stream),
+            content_type=stream.encoder.media_type,
+            headers={**STREAM_HEADERS, **headers},
+        )
+        self.run_stream = stream
+        self.timeout = None  # a stream ends when its run does, not at 60 s
 
 
 async def wait_for_end(run: Run, *, cancel_on_disconnect: bool = True) -> TerminalEvent:
