@@ -24,28 +24,24 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from typing import Protocol
 
 import attrs
 import trio
 from quart_trio.wrappers import TrioResponse
 
 from ..core.eventlog import Subscription
-from ..core.events import CancelReason, TerminalEvent
+from ..core.events import CancelReason, ErrorInfo, TerminalEvent
 from ..core.run import Run
-from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder
-from ..wire.native import dumps
-from ..wire.openai import chunk
-from ..wire.sse import sse_event
+from ..wire import FrameEncoder, StreamDropped
 
 logger = logging.getLogger(__name__)
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-SLOW_READER = {
-    "code": "slow_reader",
-    "message": "The client read the stream too slowly and was disconnected; "
-    "the run goes on: reattach with GET /v1/runs/{run_id}/events.",
-}
+SLOW_READER_MESSAGE = (
+    "The client read the stream too slowly and was disconnected; "
+    "the run goes on: reattach with GET /v1/runs/{run_id}/events."
+)
 
 
 class StreamMeter(Protocol):
@@ -113,7 +109,7 @@ class RunStream:
                 self.meter.frame_sent(events=len(batch), nbytes=len(frame))
                 if self.send_timeout and took > self.send_timeout and not subscription.finished:
                     self._drop(took)
-                    yield dropped_frame(self.encoder, self.run, subscription.cursor - 1)
+                    yield self.encoder.dropped(self._notice())
                     return
         finally:
             self.close()
@@ -125,6 +121,17 @@ class RunStream:
             self.run.run_id,
             took,
             self._subscription.cursor - 1,
+        )
+
+    def _notice(self) -> StreamDropped:
+        run = self.run
+        return StreamDropped(
+            run_id=run.run_id,
+            session_id=run.session_id,
+            after=self._subscription.cursor - 1,
+            error=ErrorInfo(
+                code="slow_reader", message=SLOW_READER_MESSAGE.format(run_id=run.run_id)
+            ),
         )
 
     def close(self) -> None:
@@ -144,35 +151,6 @@ class RunStream:
         self._subscription.close()
         if self.cancel_on_close and not self.dropped and not self._subscription.finished:
             self.run.cancel(CancelReason.CLIENT_DISCONNECT)
-
-
-def dropped_frame(encoder: FrameEncoder, run: Run, sent_seq: int) -> bytes:
-    """The closing frame for a reader dropped for slowness; ``sent_seq`` is
-    the last event it was sent (reattach after it)."""
-    error = {**SLOW_READER, "message": SLOW_READER["message"].replace("{run_id}", run.run_id)}
-    notice: dict[str, Any] = {
-        "type": "stream.dropped",
-        "run_id": run.run_id,
-        "session_id": run.session_id,
-        "after": sent_seq,
-        "error": error,
-    }
-    match encoder:
-        case NativeSseEncoder():
-            # No id: the client's Last-Event-ID stays at the last run event.
-            return sse_event(dumps(notice), event="stream.dropped")
-        case NativeNdjsonEncoder():
-            return (dumps(notice) + "\n").encode()
-        case OpenAIChunkEncoder(created=created, model=model):
-            final = chunk(
-                run.run_id,
-                created=created,
-                model=model,
-                delta={},
-                finish={"finish_reason": "error", "error": error},
-            )
-            return sse_event(dumps(final)) + sse_event("[DONE]")
-    raise TypeError(f"no dropped frame for {type(encoder).__name__}")
 
 
 class StreamResponse(TrioResponse):
