@@ -42,11 +42,14 @@ response before that, and the run it was meant to read would go on with no
 reader. Closing the :class:`~server.web.streaming.RunStream` in a
 ``finally`` here cancels such a run with reason ``client_disconnect``. (The
 connection also hands each ``RunStream`` the app's metrics, so every
-streaming route's frames are counted in one place.)
+streaming route's frames are counted in one place, and a way to ask whether
+the kernel broke its connection for taking no data:
+:mod:`server.web.connections`.)
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import cast
 
 import trio
@@ -62,6 +65,7 @@ from quart.wrappers import Request, Response
 from quart_trio import QuartTrio
 from quart_trio.asgi import TrioASGIHTTPConnection
 
+from .connections import CONNECTIONS
 from .state import app_state
 from .streaming import StreamResponse
 
@@ -112,7 +116,10 @@ class StreamingHTTPConnection(TrioASGIHTTPConnection):
         try:
             response = await self.app.handle_request(request)
             if isinstance(response, StreamResponse):
-                response.run_stream.meter = app_state(cast(QuartTrio, self.app)).metrics
+                stream = response.run_stream
+                stream.meter = app_state(cast(QuartTrio, self.app)).metrics
+                addresses = (self.scope.get("client"), self.scope.get("server"))
+                stream.connection_timed_out = partial(CONNECTIONS.timed_out, addresses)
             timeout = self.app.config["RESPONSE_TIMEOUT"]
             if isinstance(response, Response) and response.timeout is not Ellipsis:
                 timeout = cast(float | None, response.timeout)

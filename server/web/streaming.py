@@ -8,22 +8,15 @@ away, and a cancelled task may not await.
 
 Slow readers: a reader never holds up its run (the log is appended to
 without waiting for anyone) and never holds more than one frame of its own:
-when it wakes it takes everything pending as one merged frame. A frame
-whose write took longer than ``send_timeout`` marks the reader as too slow:
-it gets one closing frame (``stream.dropped`` for native events; for OpenAI
-chunks a final chunk with ``finish_reason: "error"`` and code
-``slow_reader``, then ``[DONE]``) and its stream ends. A reader that reads
-nothing at all never finishes a write; the listening socket's
-``TCP_USER_TIMEOUT`` (see :mod:`server.launcher`) breaks its connection
-after the same timeout. Either way the run goes on for its other readers
-and its record, even with ``on_disconnect: "cancel"``: a reader dropped for
-slowness did not ask to stop, and can reattach from the last ``seq`` it got.
+when it wakes it takes everything pending as one merged frame. How a slow
+reader is told from a client that went away is :class:`RunStream`'s rule
+("Slow readers and disconnects").
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol
 
 import attrs
@@ -63,7 +56,33 @@ class RunStream:
     nothing after the terminal event. :meth:`close` (from the end of
     iteration, or from the ASGI layer when the body was never iterated) tells
     the run its reader is gone: if the terminal event was not delivered, the
-    client went away and the run is cancelled with ``client_disconnect``."""
+    client went away and the run is cancelled with ``client_disconnect``
+    (unless ``cancel_on_close`` is off, or the reader was dropped).
+
+    Slow readers and disconnects: ``send_timeout`` is how long a client may
+    take no data before it is a slow reader. A slow reader is dropped, and
+    its run goes on for its other readers, its record and a reattach from
+    the last ``seq`` it got, even with ``on_disconnect: "cancel"``: it did
+    not ask to stop. A client whose connection ends any other way (it
+    closed or reset it) went away. The reader is slow when
+
+    1. a frame's write took longer than ``send_timeout``: it gets one
+       closing frame (:meth:`FrameEncoder.dropped`) and its stream ends;
+    2. its connection broke while a write of its had been pending for
+       longer than ``send_timeout``; or
+    3. the kernel broke its connection because it took no data for
+       ``send_timeout`` (``TCP_USER_TIMEOUT``, set by the launcher from
+       the same value; ``connection_timed_out`` says so).
+
+    (1) and (2) are what the server sees of a reader whose kernel buffers
+    are full; (3) is a reader that takes nothing while the server's writes
+    still fit in the kernel's buffers, which at a model's pace can be the
+    whole run: at that point no write of ours is pending, and only the
+    socket error (``ETIMEDOUT``) says it was the kernel's timeout and not
+    the client (:mod:`server.web.connections`). One clock for both: the
+    kernel counts from when the client stopped taking data, we count a
+    write from when it was handed over, which is never earlier, so (2)
+    alone would take a reader the kernel cut off for a client that left."""
 
     run: Run
     encoder: FrameEncoder
@@ -75,6 +94,9 @@ class RunStream:
     cancel_on_close: bool = True
     # Counts what was written (the HTTP connection sets the app's metrics).
     meter: StreamMeter = attrs.field(factory=NullStreamMeter)
+    # Whether the kernel broke this reader's connection for taking no data
+    # (the HTTP connection sets it; see server.web.connections).
+    connection_timed_out: Callable[[], bool] = attrs.field(default=lambda: False)
     # Set once the reader was dropped for reading too slowly.
     dropped: bool = attrs.field(default=False, init=False)
     _subscription: Subscription = attrs.field(init=False)
@@ -114,13 +136,14 @@ class RunStream:
         finally:
             self.close()
 
-    def _drop(self, took: float) -> None:
+    def _drop(self, took: float, *, by: str = "send_timeout") -> None:
         self.dropped = True
         logger.warning(
-            "subscriber_dropped trace=%s reason=slow_reader write_s=%.1f sent_seq=%d",
+            "subscriber_dropped trace=%s reason=slow_reader write_s=%.1f sent_seq=%d by=%s",
             self.run.run_id,
             took,
             self._subscription.cursor - 1,
+            by,
         )
 
     def _notice(self) -> StreamDropped:
@@ -138,16 +161,16 @@ class RunStream:
         """Synchronous and idempotent: safe in a cancelled task's ``finally``.
 
         A reader closed while a write of its has been pending for longer
-        than ``send_timeout`` is dropped for slowness, not gone: the run is
-        left alone."""
-        started = self._write_started
-        if (
-            not self.dropped
-            and started is not None
-            and self.send_timeout
-            and trio.current_time() - started > self.send_timeout
-        ):
-            self._drop(trio.current_time() - started)
+        than ``send_timeout``, or whose connection the kernel broke for
+        taking no data, is dropped for slowness, not gone: the run is left
+        alone."""
+        if not self.dropped:
+            started = self._write_started
+            pending = 0.0 if started is None else trio.current_time() - started
+            if self.send_timeout and pending > self.send_timeout:
+                self._drop(pending)
+            elif self.connection_timed_out():
+                self._drop(pending, by="tcp_user_timeout")
         self._subscription.close()
         if self.cancel_on_close and not self.dropped and not self._subscription.finished:
             self.run.cancel(CancelReason.CLIENT_DISCONNECT)

@@ -1,11 +1,15 @@
-"""Connections end when HTTP says they do (issue 11, findings 1 and 7).
+"""Connections end when HTTP says they do (issue 11, findings 1 and 7), and a
+reader the kernel cuts off for taking no data is dropped, not gone (4).
 
 Raw sockets against a real server on loopback: the server closes after
 ``Connection: close``, after HTTP/1.0, after a 401 (which says ``close``)
 and once a kept-alive connection was idle for ``--keep-alive-timeout``. A
 request pipelined behind an error that was answered before its body was
 read gets no answer, but the error always arrives whole, then EOF; behind
-an error answered after the body was read, the connection goes on.
+an error answered after the body was read, the connection goes on. A
+streaming client that takes no data is cut off by the kernel after
+``--send-timeout`` and its run completes; one that hangs up has its run
+cancelled.
 
 The last two tests serve a bare Quart-Trio app with Hypercorn in this
 process: upstream's HTTP connection still leaves the socket open after
@@ -17,10 +21,12 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 
+import httpx2
 import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -31,7 +37,7 @@ from quart_trio import QuartTrio
 from server.web.asgi import StreamingHTTPConnection
 
 from .harness import FAST_REPLY, ServerProcess, running_server
-from .wire import CHAT_PATH, DEV_KEY
+from .wire import CHAT_PATH, DEV_KEY, auth
 
 KEEP_ALIVE = 0.5
 # A close that works comes within milliseconds (or the keep-alive timeout):
@@ -43,9 +49,23 @@ TRIES = 20
 PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
+# A run of a few seconds at a model's pace: its frames fit in the kernel's
+# buffers, so a reader that takes nothing is never one the server waits on.
+PACED_REPLY = ("--token-delay", "0.002", "--reply-words", "2000")
+SEND_TIMEOUT = 1.0
+SMALL_RECEIVE_BUFFER = 4096
+
+
 @pytest.fixture(scope="module")
 def connection_server() -> Iterator[ServerProcess]:
-    with running_server(*FAST_REPLY, "--keep-alive-timeout", str(KEEP_ALIVE)) as server:
+    with running_server(
+        *FAST_REPLY,
+        *PACED_REPLY,
+        "--keep-alive-timeout",
+        str(KEEP_ALIVE),
+        "--send-timeout",
+        str(SEND_TIMEOUT),
+    ) as server:
         yield server
 
 
@@ -214,6 +234,80 @@ async def test_pipelined_request_behind_an_error_after_the_body_is_answered(
         outcomes.append((exchange.statuses, exchange.rest, exchange.eof))
     # Kept alive: both answered, and a third request on the same connection.
     assert outcomes == [([400, 200, 200], b"", False)] * TRIES
+
+
+# --- finding 4: a reader that takes nothing --------------------------------------
+
+
+async def start_unread_stream(
+    target: tuple[str, int], session_id: str
+) -> tuple[trio.SocketStream, str]:
+    """A streaming chat request from a socket with a small receive buffer;
+    the response head is read, nothing after it. The stream and the run id."""
+    sock = trio.socket.socket()
+    # Before connecting, so the advertised window is small from the start.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_RECEIVE_BUFFER)
+    await sock.connect(target)
+    stream = trio.SocketStream(sock)
+    body = json.dumps({"messages": [{"role": "user", "content": "go"}], "stream": True})
+    await stream.send_all(
+        post(CHAT_PATH, body.encode(), Accept="application/x-ndjson", X_Session_Id=session_id)
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = await stream.receive_some(1)
+        assert data, head
+        head += data
+    (run_id,) = [
+        line.partition(":")[2].strip()
+        for line in head.decode().split("\r\n")
+        if line.lower().startswith("x-run-id:")
+    ]
+    return stream, run_id
+
+
+async def ended_record(server: ServerProcess, run_id: str) -> dict[str, object]:
+    """The run's record once it ended, read over other connections."""
+    with server.deadline(30, f"run {run_id} to end"):
+        async with httpx2.AsyncClient(base_url=server.url, timeout=10) as client:
+            while True:
+                record: dict[str, object] = (
+                    await client.get(f"/v1/runs/{run_id}", headers=auth())
+                ).json()
+                if record["status"] != "running":
+                    return record
+                await trio.sleep(0.05)
+
+
+async def test_reader_that_never_reads_is_dropped_and_its_run_completes(
+    connection_server: ServerProcess,
+) -> None:
+    stream, run_id = await start_unread_stream(address(connection_server), "never-reads")
+    async with stream:
+        record = await ended_record(connection_server, run_id)
+    # The run (on_disconnect: cancel) outlived the connection the kernel cut
+    # off after the send timeout.
+    assert (record["status"], record["cancel_reason"]) == ("completed", None)
+    lines = connection_server.lines
+    dropped = first_index(
+        lines, f"subscriber_dropped trace={run_id} reason=slow_reader", "by=tcp_user_timeout"
+    )
+    ended = first_index(lines, f"stream_end trace={run_id} status=completed")
+    assert dropped is not None and ended is not None and dropped < ended, "\n".join(lines)
+
+
+def first_index(lines: list[str], *parts: str) -> int | None:
+    return next((i for i, line in enumerate(lines) if all(p in line for p in parts)), None)
+
+
+async def test_client_that_hangs_up_without_reading_cancels_its_run(
+    connection_server: ServerProcess,
+) -> None:
+    stream, run_id = await start_unread_stream(address(connection_server), "hangs-up")
+    await stream.aclose()
+    record = await ended_record(connection_server, run_id)
+    assert (record["status"], record["cancel_reason"]) == ("cancelled", "client_disconnect")
+    assert f"subscriber_dropped trace={run_id}" not in connection_server.log_text()
 
 
 # --- when the workaround can go ---------------------------------------------------
