@@ -5,10 +5,13 @@ data is dropped, not gone (RunStream's rule)."""
 from __future__ import annotations
 
 import errno
+import hashlib
+import inspect
 
 import pytest
 import trio
 import trio.testing
+from hypercorn.trio import run as hypercorn_run
 
 from server.agents.scripted import ScriptedAgent
 from server.core import EngineConfig, SessionManager
@@ -106,3 +109,15 @@ async def test_reader_whose_client_hung_up_cancels_its_run(
     assert not stream.dropped
     await run.wait_ended()
     assert run.cancel_reason is CancelReason.CLIENT_DISCONNECT
+
+
+# sha256 of hypercorn.trio.run.worker_serve's source, as server/worker.py copies it.
+COPIED_WORKER_SERVE = "8dc8347a9fc357ca334f8c3e4bcf0368176510a96d434f21a5eb4c9ec4103726"
+
+
+def test_the_worker_copy_is_of_the_installed_hypercorn() -> None:
+    # Fails when Hypercorn's worker_serve changes: bring server/worker.py in
+    # line, or drop the copy if Hypercorn now passes the accepted stream (or
+    # the socket error) on, and update the hash.
+    source = inspect.getsource(hypercorn_run.worker_serve)
+    assert hashlib.sha256(source.encode()).hexdigest() == COPIED_WORKER_SERVE
