@@ -29,9 +29,10 @@ raises, and Hypercorn closes the socket at once (``H11Protocol._handle_events``
 → ``TCPServer._close``, which takes no send lock), under the response our
 task is writing: the client got no answer, or half of one, and Hypercorn
 logged ``BusyResourceError`` from ``send_eof``. So such a response waits
-(up to ``REQUEST_ARRIVAL_WAIT``) until Hypercorn has delivered the request's
-last body message; Hypercorn's reader then holds the pipelined request
-without reading it, the response goes out whole, and the connection closes.
+(up to ``REQUEST_ARRIVAL_WAIT``; not for a body declared over the limit)
+until Hypercorn has delivered the request's last body message; Hypercorn's
+reader then holds the pipelined request without reading it, the response
+goes out whole, and the connection closes.
 The pipelined request is not answered: the client was told the connection
 closes (RFC 9112, 9.3.2: a client retries unanswered pipelined requests).
 
@@ -86,13 +87,23 @@ class StreamingHTTPConnection(TrioASGIHTTPConnection):
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         async def send_in_order(message: ASGISendEvent) -> None:
             if message["type"] == "http.response.start" and _closes(message):
-                with trio.move_on_after(REQUEST_ARRIVAL_WAIT):
-                    await self._request_received.wait()
+                if self._body_within_limit():
+                    with trio.move_on_after(REQUEST_ARRIVAL_WAIT):
+                        await self._request_received.wait()
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 self._response_complete = True
             await send(message)
 
         await super().__call__(receive, send_in_order)
+
+    def _body_within_limit(self) -> bool:
+        # A body over the limit is refused unread (413) without waiting for
+        # it: Hypercorn's reader takes long to reach what follows it.
+        limit = self.app.config["MAX_CONTENT_LENGTH"]
+        for name, value in self.scope["headers"]:
+            if name.lower() == b"content-length" and value.isdigit():
+                return limit is None or int(value) <= limit
+        return True
 
     async def handle_messages(  # type: ignore[override]
         self, nursery: trio.Nursery, request: Request, receive: ASGIReceiveCallable
