@@ -79,10 +79,11 @@ class RunStream:
     still fit in the kernel's buffers, which at a model's pace can be the
     whole run: at that point no write of ours is pending, and only the
     socket error (``ETIMEDOUT``) says it was the kernel's timeout and not
-    the client (:mod:`server.web.connections`). One clock for both: the
-    kernel counts from when the client stopped taking data, we count a
-    write from when it was handed over, which is never earlier, so (2)
-    alone would take a reader the kernel cut off for a client that left."""
+    the client (:mod:`server.web.connections`). The kernel and the server
+    wait the same span but start at different moments: the kernel when the
+    client stopped taking data, the server when a write was handed over,
+    which is never earlier. So the kernel always acts first, and (2) alone
+    would take a reader it cut off for a client that left."""
 
     run: Run
     encoder: FrameEncoder
