@@ -39,7 +39,7 @@ from server.web.asgi import StreamingHTTPConnection
 from .harness import FAST_REPLY, ServerProcess, running_server
 from .wire import CHAT_PATH, DEV_KEY, auth
 
-KEEP_ALIVE = 0.5
+KEEP_ALIVE = 1.0
 # A close that works comes within milliseconds (or the keep-alive timeout):
 # this only bounds a test that would otherwise wait forever.
 EOF_WAIT = 10.0
