@@ -16,9 +16,9 @@ after a 401, and past the keep-alive timeout, until the client hangs up. So
 a disconnect that arrives once the whole response was handed to Hypercorn
 does not cancel the request: the sending task finishes by itself as soon as
 Hypercorn is done. A disconnect before that (the client went away
-mid-response) cancels as before. ``tests/integration/test_connections.py::
-test_upstream_quart_trio_still_cancels_hypercorns_close`` fails (strict
-xfail) once upstream no longer needs this.
+mid-response) cancels as before. ``tests/integration/
+test_upstream_workarounds.py::test_upstream_quart_trio_still_cancels_hypercorns_close``
+fails (strict xfail) once upstream no longer needs this.
 
 **A response that closes the connection is sent once its request has
 arrived.** An error answered before the request's body was read says

@@ -9,9 +9,11 @@ The task count is read over a fresh connection each time and compared with
 a baseline read the same way, so the probe's own connection tasks are in
 both figures. Sessions are dropped quickly (``--idle-timeout``), so an idle
 server holds no session tasks; a connection that just closed takes a moment
-to leave the tree (a kept-alive one up to ``--keep-alive-timeout``, short
-here: Hypercorn holds it until its idle timer ends), hence the polling under
-a deadline; the probes themselves say ``Connection: close``.
+to leave the tree, hence the polling under a deadline. A kept-alive
+connection stays in the tree, with its idle timer, until its client's close
+reaches the server (or ``--keep-alive-timeout``, short here): so the probes
+say ``Connection: close``, and the server lets go of each probe's connection
+as soon as it has answered, instead of a trail of them following the polls.
 """
 
 from __future__ import annotations
@@ -69,8 +71,7 @@ def ndjson_headers(session_id: str | None = None) -> dict[str, str]:
 async def debug_tasks(server: ServerProcess) -> dict[str, Any]:
     async with httpx2.AsyncClient(base_url=server.url, timeout=10.0) as client:
         # Connection: close, so the probe's own connection leaves the task
-        # tree as soon as it is answered (a kept-alive one stays until its
-        # idle timer ends, even after the client closed it).
+        # tree as soon as it is answered.
         response = await client.get(
             "/debug/tasks", headers={**auth(ADMIN_KEY), "Connection": "close"}
         )

@@ -11,30 +11,20 @@ streaming client that takes no data is cut off by the kernel after
 ``--send-timeout`` and its run completes; one that hangs up has its run
 cancelled.
 
-The last two tests serve a bare Quart-Trio app with Hypercorn in this
-process: upstream's HTTP connection still leaves the socket open after
-``Connection: close`` (strict xfail: it passes, and so fails, once upstream
-is fixed; then ``server/web/asgi.py`` can drop its workaround), ours closes.
+What upstream still gets wrong, and so when our workarounds can go, is in
+``test_upstream_workarounds.py``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 
 import httpx2
 import pytest
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio.run import worker_serve
-from hypercorn.utils import wrap_app
-from quart_trio import QuartTrio
-
-from server.web.asgi import StreamingHTTPConnection
 
 from .harness import FAST_REPLY, ServerProcess, running_server
 from .wire import CHAT_PATH, DEV_KEY, auth
@@ -43,8 +33,6 @@ KEEP_ALIVE = 1.0
 # A close that works comes within milliseconds (or the keep-alive timeout):
 # this only bounds a test that would otherwise wait forever.
 EOF_WAIT = 10.0
-# A bare app's close is as quick; a shorter bound keeps the xfail cheap.
-UPSTREAM_EOF_WAIT = 2.0
 TRIES = 20
 PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -308,52 +296,3 @@ async def test_client_that_hangs_up_without_reading_cancels_its_run(
     record = await ended_record(connection_server, run_id)
     assert (record["status"], record["cancel_reason"]) == ("cancelled", "client_disconnect")
     assert f"subscriber_dropped trace={run_id}" not in connection_server.log_text()
-
-
-# --- when the workaround can go ---------------------------------------------------
-
-
-def bare_app(connection_class: type | None) -> QuartTrio:
-    app = QuartTrio(__name__)
-    if connection_class is not None:
-        app.asgi_http_class = connection_class
-
-    @app.get("/")
-    async def index() -> str:  # noqa: ASYNC124
-        return "ok"
-
-    return app
-
-
-async def eof_after_connection_close(app: QuartTrio) -> bool:
-    config = HypercornConfig()
-    config.bind = ["127.0.0.1:0"]
-    config.errorlog = logging.getLogger("hypercorn.error")
-    shutdown = trio.Event()
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(
-            partial(
-                worker_serve,
-                wrap_app(app, config.wsgi_max_body_size, "asgi"),
-                config,
-                shutdown_trigger=shutdown.wait,
-            )
-        )
-        host, _, port = binds[0].removeprefix("http://").rpartition(":")
-        request = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
-        exchange = await exchange_on((host, int(port)), request, wait=UPSTREAM_EOF_WAIT)
-        shutdown.set()
-    assert exchange.statuses == [200]
-    return exchange.eof
-
-
-@pytest.mark.xfail(
-    reason="quart-trio cancels Hypercorn's close from inside the last send "
-    "(server/web/asgi.py); once this passes, drop that workaround"
-)
-async def test_upstream_quart_trio_still_cancels_hypercorns_close() -> None:
-    assert await eof_after_connection_close(bare_app(None))
-
-
-async def test_our_connection_class_lets_hypercorn_close() -> None:
-    assert await eof_after_connection_close(bare_app(StreamingHTTPConnection))
