@@ -60,12 +60,13 @@ async def with_server(app: QuartTrio, use: Callable[[Target], Awaitable[bool]]) 
             )
             host, _, port = binds[0].removeprefix("http://").rpartition(":")
             try:
-                return await use((host, int(port)))
+                outcome = await use((host, int(port)))
             finally:
                 shutdown.set()
     finally:
         for sock in sockets.insecure_sockets:
             sock.close()
+    return outcome
 
 
 # --- quart-trio: Hypercorn's close after the last send -------------------------
