@@ -141,6 +141,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "seconds one frame's write may take before its reader is dropped; 0: no limit",
     )
     option(
+        "--keep-alive-timeout",
+        float,
+        defaults.keep_alive_timeout,
+        "seconds an idle kept-alive connection stays open",
+    )
+    option(
         "--coalesce-ms",
         float,
         defaults.coalesce_ms,
@@ -223,6 +229,7 @@ def parse_settings(
             max_run_bytes=args.max_run_bytes,
             max_subscribers=args.max_subscribers,
             send_timeout=args.send_timeout,
+            keep_alive_timeout=args.keep_alive_timeout,
             coalesce_ms=args.coalesce_ms,
             data_dir=args.data_dir,
             store_prompts=args.store_prompts,

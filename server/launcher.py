@@ -17,7 +17,10 @@ that connection). Writes to a client that stops reading are bounded by
 accepted connections inherit, so the kernel breaks a connection whose
 written data has not been taken for that long (a zero receive window
 included). Hypercorn's writes are shielded from cancellation, so nothing
-above the socket could end such a write.
+above the socket could end such a write. Hypercorn is served by
+:func:`server.worker.serve`, which traces each connection so that the
+app can tell such a cut-off (a slow reader: its run goes on) from a client
+that hung up (see :class:`server.web.streaming.RunStream`).
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ from functools import partial
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app
 
 from .agents import AgentConfigError
@@ -41,6 +43,7 @@ from .shutdown import shutdown_signals
 from .startup import StartupGuard, agent_error, bind_error
 from .web.app import create_app
 from .web.state import app_state
+from .worker import serve as worker_serve
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +67,18 @@ def hypercorn_config(settings: Settings) -> HypercornConfig:
     # our format (server.logs.configure_logging).
     config.accesslog = logging.getLogger("hypercorn.access")
     config.errorlog = logging.getLogger("hypercorn.error")
+    config.keep_alive_timeout = settings.keep_alive_timeout
     config.h11_max_incomplete_size = settings.max_header_bytes
     config.h2_max_header_list_size = settings.max_header_bytes
     return config
 
 
 def listening_sockets(config: HypercornConfig, settings: Settings) -> Sockets:
-    """Hypercorn's sockets for ``config``, listening, with the send timeout."""
+    """Hypercorn's sockets for ``config``, listening, with the send timeout:
+    the kernel breaks a connection whose client took no data for
+    ``--send-timeout``, the same span after which the app drops a reader
+    whose write is still pending (one notion of a slow reader, two places
+    that see it)."""
     sockets = config.create_sockets()
     # Linux only; elsewhere a reader that reads nothing is bounded only by the
     # kernel's own retransmission limits.

@@ -68,6 +68,8 @@ class Settings:
     )
     # Seconds one frame's write may take before its reader is dropped; 0: off.
     send_timeout: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
+    # Seconds an idle kept-alive connection stays open (Hypercorn's default).
+    keep_alive_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     # Deltas arriving within this many ms of a published one are merged.
     coalesce_ms: float = attrs.field(
         default=_ENGINE.coalesce_window * 1000, validator=attrs.validators.ge(0)

@@ -34,7 +34,7 @@ from .page import install_page
 from .requests import ChatRequest, check_head_size, parse_session_id, read_chat_request
 from .runs import install_run_routes
 from .state import AppState
-from .streaming import RunStream, streaming_response, wait_for_end
+from .streaming import RunStream, StreamResponse, wait_for_end
 
 NDJSON = "application/x-ndjson"
 
@@ -140,7 +140,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             send_timeout=settings.send_timeout,
             cancel_on_close=cancel_on_disconnect,
         )
-        return streaming_response(app.response_class, stream, headers)
+        return StreamResponse(stream, headers)
 
     return app
 

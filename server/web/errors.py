@@ -16,8 +16,9 @@ logger = logging.getLogger(__name__)
 
 
 # For answers given before the request body was read (too large, or refused
-# before reading it): the unread body would otherwise be taken as the start of
-# the next request on a kept-alive connection, which then hangs.
+# before reading it): the server does not want the rest of the body, and says
+# it closes the connection. (StreamingHTTPConnection writes such an answer
+# once the request has arrived, so a pipelined request cannot cut it short.)
 CLOSE_CONNECTION = {"Connection": "close"}
 
 
@@ -120,12 +121,11 @@ def install_error_handlers(app: Quart) -> None:
 
     @app.after_request
     async def _close_after_refused_body(response: Response) -> Response:  # noqa: ASYNC124
-        # An error answered before the request's body was read leaves that
-        # body on a kept-alive connection, and the next request on it could
-        # hang behind it (seen under load for 400s, 404s and 405s with a
-        # body). Quart does not say whether a body was read, so the routes
-        # that read one say so (g.body_read); any other error to a request
-        # that carried a body closes its connection.
+        # An error answered before the request's body was read closes the
+        # connection rather than take in a body nobody reads. Quart does not
+        # say whether a body was read, so the routes that read one say so
+        # (g.body_read); any other error to a request that carried a body
+        # closes its connection.
         if response.status_code >= 400 and _carries_body() and not g.get("body_read"):
             response.headers.update(CLOSE_CONNECTION)
         return response

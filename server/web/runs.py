@@ -30,7 +30,7 @@ from ..wire.native import usage_dict
 from .errors import ApiError
 from .requests import parse_session_id
 from .state import AppState
-from .streaming import RunStream, streaming_response
+from .streaming import RunStream, StreamResponse
 
 RECENT_RUNS = 10
 SEQ = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
@@ -130,7 +130,7 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
             cancel_on_close=False,
         )
         headers = {"X-Run-Id": run.run_id, "X-Session-Id": run.session_id}
-        return streaming_response(app.response_class, stream, headers)
+        return StreamResponse(stream, headers)
 
     @app.post("/v1/runs/<run_id>/cancel")
     async def cancel_run(run_id: str) -> Response:

@@ -8,44 +8,33 @@ away, and a cancelled task may not await.
 
 Slow readers: a reader never holds up its run (the log is appended to
 without waiting for anyone) and never holds more than one frame of its own:
-when it wakes it takes everything pending as one merged frame. A frame
-whose write took longer than ``send_timeout`` marks the reader as too slow:
-it gets one closing frame (``stream.dropped`` for native events; for OpenAI
-chunks a final chunk with ``finish_reason: "error"`` and code
-``slow_reader``, then ``[DONE]``) and its stream ends. A reader that reads
-nothing at all never finishes a write; the listening socket's
-``TCP_USER_TIMEOUT`` (see :mod:`server.launcher`) breaks its connection
-after the same timeout. Either way the run goes on for its other readers
-and its record, even with ``on_disconnect: "cancel"``: a reader dropped for
-slowness did not ask to stop, and can reattach from the last ``seq`` it got.
+when it wakes it takes everything pending as one merged frame. How a slow
+reader is told from a client that went away is :class:`RunStream`'s rule
+("Slow readers and disconnects").
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Protocol
 
 import attrs
 import trio
-from quart import Response
+from quart_trio.wrappers import TrioResponse
 
 from ..core.eventlog import Subscription
-from ..core.events import CancelReason, TerminalEvent
+from ..core.events import CancelReason, ErrorInfo, TerminalEvent
 from ..core.run import Run
-from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder
-from ..wire.native import dumps
-from ..wire.openai import chunk
-from ..wire.sse import sse_event
+from ..wire import FrameEncoder, StreamDropped
 
 logger = logging.getLogger(__name__)
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-SLOW_READER = {
-    "code": "slow_reader",
-    "message": "The client read the stream too slowly and was disconnected; "
-    "the run goes on: reattach with GET /v1/runs/{run_id}/events.",
-}
+SLOW_READER_MESSAGE = (
+    "The client read the stream too slowly and was disconnected; "
+    "the run goes on: reattach with GET /v1/runs/{run_id}/events."
+)
 
 
 class StreamMeter(Protocol):
@@ -67,7 +56,34 @@ class RunStream:
     nothing after the terminal event. :meth:`close` (from the end of
     iteration, or from the ASGI layer when the body was never iterated) tells
     the run its reader is gone: if the terminal event was not delivered, the
-    client went away and the run is cancelled with ``client_disconnect``."""
+    client went away and the run is cancelled with ``client_disconnect``
+    (unless ``cancel_on_close`` is off, or the reader was dropped).
+
+    Slow readers and disconnects: ``send_timeout`` is how long a client may
+    take no data before it is a slow reader. A slow reader is dropped, and
+    its run goes on for its other readers, its record and a reattach from
+    the last ``seq`` it got, even with ``on_disconnect: "cancel"``: it did
+    not ask to stop. A client whose connection ends any other way (it
+    closed or reset it) went away. The reader is slow when
+
+    1. a frame's write took longer than ``send_timeout``: it gets one
+       closing frame (:meth:`FrameEncoder.dropped`) and its stream ends;
+    2. its connection broke while a write of its had been pending for
+       longer than ``send_timeout``; or
+    3. the kernel broke its connection because it took no data for
+       ``send_timeout`` (``TCP_USER_TIMEOUT``, set by the launcher from
+       the same value; ``connection_timed_out`` says so).
+
+    (1) and (2) are what the server sees of a reader whose kernel buffers
+    are full; (3) is a reader that takes nothing while the server's writes
+    still fit in the kernel's buffers, which at a model's pace can be the
+    whole run: at that point no write of ours is pending, and only the
+    socket error (``ETIMEDOUT``) says it was the kernel's timeout and not
+    the client (:mod:`server.web.connections`). The kernel and the server
+    wait the same span but start at different moments: the kernel when the
+    client stopped taking data, the server when a write was handed over,
+    which is never earlier. So the kernel always acts first, and (2) alone
+    would take a reader it cut off for a client that left."""
 
     run: Run
     encoder: FrameEncoder
@@ -79,6 +95,9 @@ class RunStream:
     cancel_on_close: bool = True
     # Counts what was written (the HTTP connection sets the app's metrics).
     meter: StreamMeter = attrs.field(factory=NullStreamMeter)
+    # Whether the kernel broke this reader's connection for taking no data
+    # (the HTTP connection sets it; see server.web.connections).
+    connection_timed_out: Callable[[], bool] = attrs.field(default=lambda: False)
     # Set once the reader was dropped for reading too slowly.
     dropped: bool = attrs.field(default=False, init=False)
     _subscription: Subscription = attrs.field(init=False)
@@ -113,81 +132,67 @@ class RunStream:
                 self.meter.frame_sent(events=len(batch), nbytes=len(frame))
                 if self.send_timeout and took > self.send_timeout and not subscription.finished:
                     self._drop(took)
-                    yield dropped_frame(self.encoder, self.run, subscription.cursor - 1)
+                    yield self.encoder.dropped(self._notice())
                     return
         finally:
             self.close()
 
-    def _drop(self, took: float) -> None:
+    def _drop(self, took: float, *, by: str = "send_timeout") -> None:
         self.dropped = True
         logger.warning(
-            "subscriber_dropped trace=%s reason=slow_reader write_s=%.1f sent_seq=%d",
+            "subscriber_dropped trace=%s reason=slow_reader write_s=%.1f sent_seq=%d by=%s",
             self.run.run_id,
             took,
             self._subscription.cursor - 1,
+            by,
+        )
+
+    def _notice(self) -> StreamDropped:
+        run = self.run
+        return StreamDropped(
+            run_id=run.run_id,
+            session_id=run.session_id,
+            after=self._subscription.cursor - 1,
+            error=ErrorInfo(
+                code="slow_reader", message=SLOW_READER_MESSAGE.format(run_id=run.run_id)
+            ),
         )
 
     def close(self) -> None:
         """Synchronous and idempotent: safe in a cancelled task's ``finally``.
 
         A reader closed while a write of its has been pending for longer
-        than ``send_timeout`` is dropped for slowness, not gone: the run is
-        left alone."""
-        started = self._write_started
-        if (
-            not self.dropped
-            and started is not None
-            and self.send_timeout
-            and trio.current_time() - started > self.send_timeout
-        ):
-            self._drop(trio.current_time() - started)
+        than ``send_timeout``, or whose connection the kernel broke for
+        taking no data, is dropped for slowness, not gone: the run is left
+        alone."""
+        if not self.dropped:
+            started = self._write_started
+            pending = 0.0 if started is None else trio.current_time() - started
+            if self.send_timeout and pending > self.send_timeout:
+                self._drop(pending)
+            elif self.connection_timed_out():
+                self._drop(pending, by="tcp_user_timeout")
         self._subscription.close()
         if self.cancel_on_close and not self.dropped and not self._subscription.finished:
             self.run.cancel(CancelReason.CLIENT_DISCONNECT)
 
 
-def dropped_frame(encoder: FrameEncoder, run: Run, sent_seq: int) -> bytes:
-    """The closing frame for a reader dropped for slowness; ``sent_seq`` is
-    the last event it was sent (reattach after it)."""
-    error = {**SLOW_READER, "message": SLOW_READER["message"].replace("{run_id}", run.run_id)}
-    notice: dict[str, Any] = {
-        "type": "stream.dropped",
-        "run_id": run.run_id,
-        "session_id": run.session_id,
-        "after": sent_seq,
-        "error": error,
-    }
-    match encoder:
-        case NativeSseEncoder():
-            # No id: the client's Last-Event-ID stays at the last run event.
-            return sse_event(dumps(notice), event="stream.dropped")
-        case NativeNdjsonEncoder():
-            return (dumps(notice) + "\n").encode()
-        case OpenAIChunkEncoder(created=created, model=model):
-            final = chunk(
-                run.run_id,
-                created=created,
-                model=model,
-                delta={},
-                finish={"finish_reason": "error", "error": error},
-            )
-            return sse_event(dumps(final)) + sse_event("[DONE]")
-    raise TypeError(f"no dropped frame for {type(encoder).__name__}")
+class StreamResponse(TrioResponse):
+    """A streaming response whose body reads one run: the HTTP connection
+    (:class:`~server.web.asgi.StreamingHTTPConnection`) finds the
+    :class:`RunStream` here, to meter it and to close it if the body was
+    never iterated."""
 
-
-def streaming_response(
-    response_class: type[Response], stream: RunStream, headers: dict[str, str]
-) -> Response:
-    response = response_class(
-        # Quart-Trio streams async generators; anything else it iterates
-        # synchronously.
-        aiter(stream),
-        content_type=stream.encoder.media_type,
-        headers={**STREAM_HEADERS, **headers},
-    )
-    response.timeout = None  # a stream ends when its run does, not at 60 s
-    response.run_stream = stream  # type: ignore[attr-defined]  # see StreamingHTTPConnection
-    return response
+    def __init__(self, stream: RunStream, headers: dict[str, str]) -> None:
+        super().__init__(
+            # Quart-Trio streams async generators; anything else it iterates
+            # synchronously.
+            aiter(stream),
+            content_type=stream.encoder.media_type,
+            headers={**STREAM_HEADERS, **headers},
+        )
+        self.run_stream = stream
+        self.timeout = None  # a stream ends when its run does, not at 60 s
 
 
 async def wait_for_end(run: Run, *, cancel_on_disconnect: bool = True) -> TerminalEvent:

@@ -5,3 +5,4 @@ from .formats import FrameEncoder as FrameEncoder
 from .formats import NativeNdjsonEncoder as NativeNdjsonEncoder
 from .formats import NativeSseEncoder as NativeSseEncoder
 from .formats import OpenAIChunkEncoder as OpenAIChunkEncoder
+from .formats import StreamDropped as StreamDropped

@@ -9,7 +9,11 @@ The task count is read over a fresh connection each time and compared with
 a baseline read the same way, so the probe's own connection tasks are in
 both figures. Sessions are dropped quickly (``--idle-timeout``), so an idle
 server holds no session tasks; a connection that just closed takes a moment
-to leave the tree, hence the polling under a deadline.
+to leave the tree, hence the polling under a deadline. A kept-alive
+connection stays in the tree, with its idle timer, until its client's close
+reaches the server (or ``--keep-alive-timeout``, short here): so the probes
+say ``Connection: close``, and the server lets go of each probe's connection
+as soon as it has answered, instead of a trail of them following the polls.
 """
 
 from __future__ import annotations
@@ -31,8 +35,18 @@ from tests.integration.wire import CHAT_PATH, auth
 ADMIN_KEY = "fault-admin"
 SETTLE_TIMEOUT = 15.0
 TERMINAL = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})
-# Quick session turnover, short drain: a fault server is idle again soon.
-FAULT_SERVER_ARGS = ("--admin-key", ADMIN_KEY, "--idle-timeout", "0.3", "--drain-timeout", "2")
+# Quick session and connection turnover, short drain: a fault server is idle
+# again soon.
+FAULT_SERVER_ARGS = (
+    "--admin-key",
+    ADMIN_KEY,
+    "--idle-timeout",
+    "0.3",
+    "--keep-alive-timeout",
+    "1",
+    "--drain-timeout",
+    "2",
+)
 
 
 @contextmanager
@@ -56,7 +70,11 @@ def ndjson_headers(session_id: str | None = None) -> dict[str, str]:
 
 async def debug_tasks(server: ServerProcess) -> dict[str, Any]:
     async with httpx2.AsyncClient(base_url=server.url, timeout=10.0) as client:
-        response = await client.get("/debug/tasks", headers=auth(ADMIN_KEY))
+        # Connection: close, so the probe's own connection leaves the task
+        # tree as soon as it is answered.
+        response = await client.get(
+            "/debug/tasks", headers={**auth(ADMIN_KEY), "Connection": "close"}
+        )
     assert response.status_code == 200, response.text
     body: dict[str, Any] = response.json()
     return body

@@ -456,6 +456,7 @@ LIMIT_FLAGS = {
     "--max-run-bytes": ("max_run_bytes", "65536"),
     "--max-subscribers": ("max_subscribers", "4"),
     "--send-timeout": ("send_timeout", "7.5"),
+    "--keep-alive-timeout": ("keep_alive_timeout", "2.5"),
 }
 
 

@@ -19,7 +19,7 @@ from server.core.events import (
     RunStarted,
     Usage,
 )
-from server.wire import NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder
+from server.wire import NativeNdjsonEncoder, NativeSseEncoder, OpenAIChunkEncoder, StreamDropped
 from server.wire.openai import completion
 from server.wire.sse import sse_event
 
@@ -143,3 +143,46 @@ def test_delta_text_with_newlines_survives_sse_framing() -> None:
     )
     (line,) = data_lines(frame)  # JSON escapes the newline: one data line
     assert json.loads(line)["choices"][0]["delta"]["content"] == "line one\nline two"
+
+
+# --- the closing frame of a reader dropped for slowness ------------------------
+
+DROPPED = StreamDropped(
+    **IDS, after=3, error=ErrorInfo(code="slow_reader", message="Too slow; reattach.")
+)
+DROPPED_OBJECT = {
+    "type": "stream.dropped",
+    "run_id": "run_1",
+    "session_id": "s1",
+    "after": 3,
+    "error": {"code": "slow_reader", "message": "Too slow; reattach."},
+}
+
+
+def test_native_sse_dropped_frame_is_an_event_without_an_id() -> None:
+    # No id: the client's Last-Event-ID stays at the last run event it got.
+    assert NativeSseEncoder().dropped(DROPPED) == (
+        b"event: stream.dropped\ndata: "
+        + json.dumps(DROPPED_OBJECT, separators=(",", ":")).encode()
+        + b"\n\n"
+    )
+
+
+def test_native_ndjson_dropped_frame_is_one_line() -> None:
+    frame = NativeNdjsonEncoder().dropped(DROPPED)
+    assert frame.endswith(b"\n") and frame.count(b"\n") == 1
+    assert json.loads(frame) == DROPPED_OBJECT
+
+
+def test_openai_dropped_frame_is_an_error_chunk_then_done() -> None:
+    lines = data_lines(OpenAIChunkEncoder(created=7, model="m").dropped(DROPPED))
+    assert lines[-1] == "[DONE]"
+    assert json.loads(lines[0]) == {
+        "id": "chatcmpl-run_1",
+        "object": "chat.completion.chunk",
+        "created": 7,
+        "model": "m",
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+        "error": {"code": "slow_reader", "message": "Too slow; reattach."},
+    }
+    assert len(lines) == 2
