@@ -31,10 +31,13 @@ from .session import OnConflict, Session, SessionKey
 
 
 class Coordinator(Protocol):
-    # This process's node id in a cluster; None: one process, no cluster.
-    node: str | None
-    # Called right after a run's task started (cluster mode), else None.
-    run_started: Callable[[Session, Run], None] | None
+    @property
+    def node(self) -> str | None:
+        """This process's node id in a cluster; None: one process, no cluster."""
+
+    @property
+    def run_started(self) -> Callable[[Session, Run], None] | None:
+        """Called right after a run's task started (cluster mode), else None."""
 
     async def acquire(self, session: Session, on_conflict: OnConflict) -> None:
         """Become the owner of ``session``'s key; wait while another owns it."""

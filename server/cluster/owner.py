@@ -1,0 +1,381 @@
+"""The owner side of a node: the sessions it holds, what keeps their
+leases alive, what copies their runs to the shared state, and what it does
+when another node asks for one of them.
+
+Resource handling: :meth:`Owner.serve` runs the node's two long-lived
+tasks (the intents reader and the renewer) and one task per intent, in its
+own nursery (inside the session manager's); a run's mirror lives in its
+session's nursery. On the way out every lease still held is released,
+shielded and bounded, once its runs' terminal events are published.
+
+Losing a lease (a renewal or a publish refused, or no renewal that worked
+for a whole TTL): the session's runs are cancelled with reason
+``owner_lost`` (status interrupted, recorded locally), the session is
+dropped here, and nothing more is written with that lease.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import attrs
+import trio
+
+from ..core.eventlog import Subscription
+from ..core.events import CancelReason
+from ..core.lifecycle_log import lifecycle_event
+from ..core.run import Run
+from ..core.session import Session, SessionClosed
+from ..wire.native import event_dict
+from .backend import (
+    BackendUnavailable,
+    Intent,
+    IntentKind,
+    Lease,
+    Reply,
+    ReplyStatus,
+    SessionRef,
+)
+from .held import Calls, ClusterConfig, ClusterMetrics, Held, HeldState, Mirror, ref_of
+from .records import record_of
+
+logger = logging.getLogger(__name__)
+
+# Longest pause between retries of a call the backend could not take.
+MAX_BACKOFF = 1.0
+# A blocking read of the inbox waits this long per call.
+INBOX_BLOCK = 1.0
+
+
+@attrs.define(eq=False)
+class Owner:
+    node: str
+    calls: Calls
+    config: ClusterConfig
+    metrics: ClusterMetrics
+    held: dict[SessionRef, Held] = attrs.field(factory=dict)
+    # Releases on their way, by session: an acquire of the same session waits.
+    releasing: dict[SessionRef, trio.Event] = attrs.field(factory=dict)
+    _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._read_intents)
+                nursery.start_soon(self._renew_forever)
+                task_status.started()
+        finally:
+            self._nursery = None
+            with trio.move_on_after(self.config.cleanup_budget, shield=True):
+                await self._release_all()
+
+    # --- holding ---------------------------------------------------------------
+
+    def hold(self, session: Session, lease: Lease) -> Held:
+        held = Held(session=session, lease=lease, renewed_at=trio.current_time())
+        self.held[lease.session] = held
+        return held
+
+    def release(self, session: Session) -> None:
+        """The session was dropped: give its lease back (in the background)."""
+        ref = ref_of(session.key)
+        held = self.held.get(ref)
+        if held is None or held.session is not session:
+            return
+        del self.held[ref]
+        if held.state is not HeldState.HELD:
+            return  # handed over or lost: not ours to release
+        held.state = HeldState.GONE
+        done = trio.Event()
+        self.releasing[ref] = done
+        if self._nursery is None:
+            done.set()
+            return
+        self._nursery.start_soon(self._release, held, done)
+
+    async def _release(self, held: Held, done: trio.Event) -> None:
+        try:
+            with trio.move_on_after(self.config.call_timeout, shield=True):
+                await self.calls(self.calls.backend.release(held.lease))
+        except BackendUnavailable:
+            pass  # it expires by itself
+        finally:
+            done.set()
+            if self.releasing.get(held.lease.session) is done:
+                del self.releasing[held.lease.session]
+
+    async def _release_all(self) -> None:
+        for held in list(self.held.values()):
+            for mirror in list(held.mirrors.values()):
+                await mirror.done.wait()
+            if held.state is HeldState.HELD:
+                held.state = HeldState.GONE
+                try:
+                    await self.calls(self.calls.backend.release(held.lease))
+                except BackendUnavailable:
+                    pass
+        self.held.clear()
+
+    def lose(self, held: Held, why: str) -> bool:
+        """The lease is no longer ours: stop the session's runs here.
+        False if it was already gone."""
+        if held.state is HeldState.GONE:
+            return False
+        held.state = HeldState.GONE
+        ref = held.lease.session
+        if self.held.get(ref) is held:
+            del self.held[ref]
+        self.metrics.owner_lost += 1
+        session = held.session
+        lifecycle_event(
+            "lease_lost", session=ref.session_id, token=held.lease.token, cause=why
+        )
+        session.moved = True
+        current = session.current
+        if current is not None:
+            current.cancel(CancelReason.OWNER_LOST)
+        session.close()
+        return True
+
+    # --- renewal ----------------------------------------------------------------
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await trio.sleep(self.config.lease_ttl / 3)
+            async with trio.open_nursery() as nursery:
+                for held in list(self.held.values()):
+                    nursery.start_soon(self._renew, held)
+
+    async def _renew(self, held: Held) -> None:
+        if held.state is HeldState.GONE:
+            return
+        session = held.session
+        current = session.current
+        run_id = current.run_id if current is not None and not current.ended else None
+        asked_at = trio.current_time()
+        try:
+            renewed = await self.calls(
+                self.calls.backend.renew(
+                    held.lease, self.config.lease_ttl, busy=session.busy, run_id=run_id
+                )
+            )
+        except BackendUnavailable:
+            if trio.current_time() - held.renewed_at >= self.config.lease_ttl:
+                self.lose(held, "not renewed for a whole ttl")
+            return
+        if renewed:
+            held.renewed_at = asked_at
+        elif self.lose(held, "renewal refused"):
+            self.metrics.fenced_writes_refused += 1
+
+    # --- the run mirror -----------------------------------------------------------
+
+    def run_started(self, session: Session, run: Run) -> None:
+        """Start copying ``run``'s events to the backend (in its session's nursery)."""
+        held = self.held.get(ref_of(session.key))
+        if held is None or held.session is not session or held.state is HeldState.GONE:
+            run.cancel(CancelReason.OWNER_LOST)  # lost while it was being started
+            return
+        mirror = Mirror(run)
+        held.mirrors[run.run_id] = mirror
+        # Opened now, so the session is not idle before the terminal event is out.
+        subscription = run.subscribe().open()
+        session.nursery.start_soon(self._mirror, held, mirror, subscription)
+
+    async def _mirror(self, held: Held, mirror: Mirror, subscription: Subscription) -> None:
+        run = mirror.run
+        pending: list[dict[str, object]] = []
+        first = True
+        try:
+            with subscription:
+                while held.state is not HeldState.GONE:
+                    await subscription.wait()
+                    pending += [event_dict(event) for event in subscription.take()]
+                    if not pending:
+                        mirror.terminal_published = subscription.finished
+                        if mirror.terminal_published:
+                            return
+                        continue
+                    final = subscription.finished
+                    if not await self._publish(held, run, pending, with_record=first or final):
+                        return
+                    first, pending = False, []
+                    if subscription.finished:
+                        mirror.terminal_published = True
+                        return
+        finally:
+            try:
+                if not mirror.terminal_published and held.state is not HeldState.GONE:
+                    # Cancelled (the node is stopping): the run ends within its
+                    # cleanup budget; publish how, once, bounded.
+                    budget = 2 * self.config.cleanup_budget + self.config.call_timeout
+                    with trio.move_on_after(budget, shield=True):
+                        await run.wait_ended()
+                        pending += [event_dict(event) for event in subscription.take()]
+                        if pending:
+                            await self._publish_once(held, run, pending)
+            finally:
+                held.mirrors.pop(run.run_id, None)
+                mirror.done.set()
+
+    async def _publish(
+        self, held: Held, run: Run, events: list[dict[str, object]], *, with_record: bool
+    ) -> bool:
+        """Publish ``events`` (retrying while the backend is away and the
+        lease still ours); False once the lease is lost."""
+        backoff = 0.05
+        while held.state is not HeldState.GONE:
+            record = record_of(run, node=self.node, token=held.lease.token) if with_record else None
+            try:
+                published = await self.calls(
+                    self.calls.backend.publish(
+                        held.lease,
+                        run.run_id,
+                        events,
+                        record=record,
+                        max_events=self.config.max_run_events,
+                        retain_seconds=self.config.retain_seconds,
+                    )
+                )
+            except BackendUnavailable:
+                await trio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+                continue
+            if not published:
+                if self.lose(held, "publish refused"):
+                    self.metrics.fenced_writes_refused += 1
+                return False
+            return True
+        return False
+
+    async def _publish_once(self, held: Held, run: Run, events: list[dict[str, object]]) -> None:
+        record = record_of(run, node=self.node, token=held.lease.token)
+        try:
+            published = await self.calls(
+                self.calls.backend.publish(
+                    held.lease,
+                    run.run_id,
+                    events,
+                    record=record,
+                    max_events=self.config.max_run_events,
+                    retain_seconds=self.config.retain_seconds,
+                )
+            )
+        except BackendUnavailable:
+            return
+        if not published:
+            self.metrics.fenced_writes_refused += 1
+
+    # --- intents from other nodes --------------------------------------------------
+
+    async def _read_intents(self) -> None:
+        after = "0"
+        backoff = 0.05
+        while True:
+            try:
+                batch = await self.calls(
+                    self.calls.backend.read_intents(self.node, after, block=INBOX_BLOCK),
+                    block=INBOX_BLOCK,
+                )
+            except BackendUnavailable:
+                await trio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+                continue
+            backoff = 0.05
+            assert self._nursery is not None
+            for position, intent in batch:
+                after = position
+                # One task per intent: a slow cleanup holds up no other session.
+                self._nursery.start_soon(self._answer, intent)
+
+    async def _answer(self, intent: Intent) -> None:
+        if intent.kind is IntentKind.STOP:
+            reply = await self._stop_here(intent)
+        else:
+            reply = await self._hand_over_here(intent)
+        self.metrics.cancels_handled += 1
+        try:
+            await self.calls(self.calls.backend.reply(intent.reply_to, reply))
+        except BackendUnavailable:
+            # The asker sees the lease move (or expire) and asks again.
+            logger.warning("intent %s: the reply could not be written", intent.kind.value)
+
+    async def _hand_over_here(self, intent: Intent) -> Reply:
+        not_owner = Reply(status=ReplyStatus.NOT_OWNER)
+        held = self.held.get(intent.session)
+        if held is None or held.state is not HeldState.HELD:
+            return not_owner
+        session = held.session
+        try:
+            # A place in the session's line: local prompts admitted before
+            # the intent are served first (enqueue keeps its order across nodes).
+            ticket = session.admit()
+        except SessionClosed:
+            return not_owner
+        try:
+            await ticket.wait()
+            previous = session.current
+            if held.state is HeldState.HELD and previous is not None:
+                await self._end_for_handover(held, previous, intent.kind)
+            if held.state is not HeldState.HELD or session.closed:
+                return not_owner
+            if intent.kind is IntentKind.ROLLBACK and previous is not None:
+                if previous.cancel_reason is CancelReason.SUPERSEDED:
+                    await session.roll_back(previous)
+            # From here the session admits nothing; its waiting prompts ask again.
+            held.state = HeldState.MOVING
+            session.moved = True
+            session.close()
+            try:
+                lease = await self.calls(
+                    self.calls.backend.hand_over(
+                        held.lease, intent.from_node, self.config.lease_ttl
+                    )
+                )
+            except BackendUnavailable:
+                lease = None
+            held.state = HeldState.GONE
+            if lease is None:
+                self.metrics.fenced_writes_refused += 1
+                return not_owner
+            self.metrics.handovers_given += 1
+            lifecycle_event(
+                "lease_handed_over",
+                session=session.session_id,
+                to=intent.from_node,
+                token=lease.token,
+            )
+            return Reply(status=ReplyStatus.DONE, token=lease.token)
+        finally:
+            session.leave(ticket)
+
+    async def _end_for_handover(self, held: Held, run: Run, kind: IntentKind) -> None:
+        if not run.ended:
+            wait_started = trio.current_time()
+            if kind is not IntentKind.ENQUEUE:
+                run.cancel(CancelReason.SUPERSEDED)
+            await run.wait_ended()
+            lifecycle_event(
+                "prev_stream_finished_cleanly",
+                session=run.session_id,
+                trace=run.run_id,
+                waited_ms=round((trio.current_time() - wait_started) * 1000),
+            )
+        mirror = held.mirrors.get(run.run_id)
+        if mirror is not None:
+            await mirror.done.wait()
+
+    async def _stop_here(self, intent: Intent) -> Reply:
+        held = self.held.get(intent.session)
+        run = held.session.current if held is not None else None
+        if held is None or run is None or run.run_id != intent.run_id:
+            return Reply(status=ReplyStatus.NO_SUCH_RUN)
+        stopped = run.cancel(CancelReason.CLIENT_STOP)
+        await run.wait_ended()
+        mirror = held.mirrors.get(run.run_id)
+        if mirror is not None:
+            await mirror.done.wait()
+        record = record_of(run, node=self.node, token=held.lease.token)
+        status = ReplyStatus.DONE if stopped else ReplyStatus.NO_SUCH_RUN
+        return Reply(status=status, record=record)
