@@ -91,6 +91,8 @@ class MemoryBackend:
     available: bool = True
     # How long an orphan's record stays once ended (the seam names none).
     orphan_retain_seconds: float = 3600.0
+    # Seconds the shared state's clock is ahead of trio's (see jump).
+    skew: float = 0.0
     _fence: int = attrs.field(default=0, init=False)
     _leases: dict[SessionRef, _LeaseRow] = attrs.field(factory=dict, init=False)
     _runs: dict[str, _RunRow] = attrs.field(factory=dict, init=False)
@@ -102,13 +104,22 @@ class MemoryBackend:
     # For tests: (trio time, run id, event type) of every event appended, in order.
     journal: list[tuple[float, str, str]] = attrs.field(factory=list, init=False)
 
+    def _now(self) -> float:
+        return trio.current_time() + self.skew
+
+    def jump(self, seconds: float) -> None:
+        """The shared state's clock jumps ahead: to it, every node has been
+        frozen that long (a SIGSTOP'd or GC-paused owner sees its lease gone
+        the moment it runs again, before its own timers could notice)."""
+        self.skew += seconds
+
     def _check(self) -> None:
         if not self.available:
             raise BackendUnavailable("the shared state is unavailable")
 
     def _lease(self, session: SessionRef) -> _LeaseRow | None:
         row = self._leases.get(session)
-        if row is not None and trio.current_time() >= row.expires_at:
+        if row is not None and self._now() >= row.expires_at:
             del self._leases[session]  # Rule 2: an expired lease is no lease
             return None
         return row
@@ -121,7 +132,7 @@ class MemoryBackend:
         return Holder(
             node=row.node,
             token=row.token,
-            expires_in=row.expires_at - trio.current_time(),
+            expires_in=row.expires_at - self._now(),
             busy=row.busy,
             run_id=row.run_id,
         )
@@ -129,7 +140,7 @@ class MemoryBackend:
     def _new_lease(self, session: SessionRef, node: str, ttl: float) -> Lease:
         self._fence += 1  # Rule 1
         self._leases[session] = _LeaseRow(
-            node=node, token=self._fence, expires_at=trio.current_time() + ttl
+            node=node, token=self._fence, expires_at=self._now() + ttl
         )
         return Lease(session=session, node=node, token=self._fence)
 
@@ -153,7 +164,7 @@ class MemoryBackend:
         row = self._holds(lease)
         if row is None:
             return False
-        row.expires_at = trio.current_time() + ttl
+        row.expires_at = self._now() + ttl
         row.busy, row.run_id = busy, run_id
         return True
 
@@ -176,7 +187,7 @@ class MemoryBackend:
 
     def _run(self, run_id: str) -> _RunRow | None:
         row = self._runs.get(run_id)
-        if row is not None and trio.current_time() >= row.expires_at:
+        if row is not None and self._now() >= row.expires_at:
             del self._runs[run_id]
             return None
         return row
@@ -197,7 +208,7 @@ class MemoryBackend:
 
     def _end(self, row: _RunRow, retain_seconds: float) -> None:
         row.ended = True
-        row.expires_at = trio.current_time() + retain_seconds
+        row.expires_at = self._now() + retain_seconds
 
     async def publish(
         self,
@@ -315,7 +326,7 @@ class MemoryBackend:
     async def reply(self, reply_to: str, reply: Reply) -> None:
         self._check()
         await trio.lowlevel.checkpoint()
-        now = trio.current_time()
+        now = self._now()
         for key in [key for key, (_, until) in self._replies.items() if until <= now]:
             del self._replies[key]
         self._replies[reply_to] = (reply, now + REPLY_TTL)
@@ -327,7 +338,7 @@ class MemoryBackend:
         with trio.move_on_after(block):
             while True:
                 entry = self._replies.get(reply_to)
-                if entry is not None and entry[1] > trio.current_time():
+                if entry is not None and entry[1] > self._now():
                     return entry[0]
                 await self._reply_changed.wait()
                 self._check()

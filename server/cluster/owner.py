@@ -64,6 +64,7 @@ class Owner:
                 self._nursery = nursery
                 nursery.start_soon(self._read_intents)
                 nursery.start_soon(self._renew_forever)
+                nursery.start_soon(self._watch_deadlines)
                 task_status.started()
         finally:
             self._nursery = None
@@ -147,6 +148,20 @@ class Owner:
                 for held in list(self.held.values()):
                     nursery.start_soon(self._renew, held)
 
+    async def _watch_deadlines(self) -> None:
+        """A lease not renewed for a whole ttl may be someone else's by now
+        (it is asked for before the call, so the backend's expiry is never
+        earlier): stop its runs at that very moment, not at the next try."""
+        ttl = self.config.lease_ttl
+        while True:
+            now = trio.current_time()
+            for held in list(self.held.values()):
+                if now >= held.renewed_at + ttl:
+                    self.lose(held, "not renewed for a whole ttl")
+            # A lease taken later has a later deadline than any held now.
+            deadlines = [held.renewed_at + ttl for held in self.held.values()]
+            await trio.sleep_until(min(deadlines, default=now + ttl))
+
     async def _renew(self, held: Held) -> None:
         if held.state is HeldState.GONE:
             return
@@ -161,9 +176,7 @@ class Owner:
                 )
             )
         except BackendUnavailable:
-            if trio.current_time() - held.renewed_at >= self.config.lease_ttl:
-                self.lose(held, "not renewed for a whole ttl")
-            return
+            return  # tried again in ttl/3; _watch_deadlines gives up in time
         if renewed:
             held.renewed_at = asked_at
         elif self.lose(held, "renewal refused"):
