@@ -199,11 +199,24 @@ class ClusterCoordinator:
         }
 
     async def run_record(self, principal: str, run_id: str) -> dict[str, Any] | None:
-        """A run's record from the shared state; another principal's is None."""
+        """A run's record from the shared state; another principal's is None.
+        A record still ``running`` whose owner no longer holds the session
+        is an orphan: it is ended (``owner_lost``) before it is answered."""
         try:
-            record = await self.calls(self.backend.run_record(run_id))
+            record = await self._record(principal, run_id)
+            if record is None or record.get("status") != "running":
+                return record
+            ref = SessionRef(principal=principal, session_id=record["session_id"])
+            holder = await self.calls(self.backend.holder(ref))
+            if holder is not None and holder.token == record.get("token"):
+                return record
+            await self._settle_orphans(ref)
+            return await self._record(principal, run_id)
         except BackendUnavailable as exc:
             raise CoordinatorUnavailable(str(exc)) from exc
+
+    async def _record(self, principal: str, run_id: str) -> dict[str, Any] | None:
+        record = await self.calls(self.backend.run_record(run_id))
         return record if record is not None and record.get("principal") == principal else None
 
     async def session_runs(
@@ -240,7 +253,7 @@ class ClusterCoordinator:
         principal. A dead owner is waited out (its lease expires), then the
         orphan is ended ``owner_lost``."""
         try:
-            record = await self.run_record(principal, run_id)
+            record = await self._record(principal, run_id)
             if record is None or record.get("status") != "running":
                 return record
             ref = SessionRef(principal=principal, session_id=record["session_id"])
@@ -266,7 +279,7 @@ class ClusterCoordinator:
                 )
                 if reply is not None:
                     break
-            return await self.run_record(principal, run_id)
+            return await self._record(principal, run_id)
         except BackendUnavailable as exc:
             raise CoordinatorUnavailable(str(exc)) from exc
 
