@@ -8,6 +8,7 @@ import trio
 import trio.testing
 
 from server.agents.scripted import ScriptedAgent
+from server.cluster.backend import SessionRef
 from server.cluster.memory import MemoryBackend
 from server.core import CancelReason, OnConflict, RunInProgress, RunStatus
 from tests.helpers import AliveProbe, SlowCleanupAgent, assert_well_formed
@@ -149,4 +150,69 @@ async def test_stop_from_another_node(autojump_clock: trio.testing.MockClock) ->
         assert (record["status"], record["cancel_reason"]) == ("cancelled", "client_stop")
         assert await b.coordinator.stop_run("someone-else", run.run_id) is None
         assert len(terminals(backend, run.run_id)) == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_local_prompt_waiting_behind_a_handover_follows_the_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    probe = AliveProbe()
+    agent = SlowCleanupAgent(probe, delay=1.0, words=20, cleanup=3.0)
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, backend, "a", agent)
+        b = await start_node(nursery, backend, "b", agent)
+        first = await a.prompt("first")
+        runs = {}
+
+        async def prompt(node_name: str, text: str, at: float) -> None:
+            await trio.sleep_until(at)
+            runs[text] = await {"a": a, "b": b}[node_name].prompt(text)
+
+        async with trio.open_nursery() as prompts:
+            prompts.start_soon(prompt, "b", "second", 1.0)
+            # Admitted on a while a hands the session to b: it asks b in turn.
+            prompts.start_soon(prompt, "a", "third", 2.0)
+        assert runs["second"].started_at == 4.0
+        assert runs["third"].started_at == 7.0
+        assert runs["second"].cancel_reason is CancelReason.SUPERSEDED
+        assert first.cancel_reason is CancelReason.SUPERSEDED
+        assert probe.most_alive == 1
+        assert a.coordinator.metrics.handovers_received == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_node_shutting_down_publishes_its_runs_end_and_releases(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, backend, "a", scripted(20))
+        b = await start_node(nursery, backend, "b", scripted(3))
+        first = await a.prompt("first")
+        await trio.sleep(1.5)
+        await a.manager.aclose()
+        assert first.cancel_reason is CancelReason.SHUTDOWN
+        (terminal,) = terminals(backend, first.run_id)
+        assert terminal["type"] == "run.interrupted"
+        second = await b.prompt("second")
+        assert second.started_at == 1.5  # no lease left to wait out
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_session_gives_its_lease_back_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, backend, "a", scripted(3))
+        run = await a.prompt("first")
+        session = SessionRef(principal=PRINCIPAL, session_id="s1")
+        assert await backend.holder(session) is not None
+        assert a.coordinator.leases() != {}
+        await run.wait_ended()
+        await trio.testing.wait_all_tasks_blocked()
+        assert await backend.holder(session) is None
+        assert a.coordinator.leases() == {}
+        assert a.manager.sessions == {}
         nursery.cancel_scope.cancel()
