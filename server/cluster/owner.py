@@ -84,15 +84,14 @@ class Owner:
         held = self.held.get(ref)
         if held is None or held.session is not session:
             return
+        if self._nursery is None:
+            return  # the node is stopping: _release_all gives it back
         del self.held[ref]
         if held.state is not HeldState.HELD:
             return  # handed over or lost: not ours to release
         held.state = HeldState.GONE
         done = trio.Event()
         self.releasing[ref] = done
-        if self._nursery is None:
-            done.set()
-            return
         self._nursery.start_soon(self._release, held, done)
 
     async def _release(self, held: Held, done: trio.Event) -> None:
