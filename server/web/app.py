@@ -15,7 +15,9 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 
 from ..agents import build_agent
+from ..cluster.setup import open_cluster
 from ..core.agent import Agent
+from ..core.coordinator import Coordinator, InProcessCoordinator
 from ..core.events import RunFailed
 from ..core.manager import SessionManager
 from ..core.run import NullObserver, Run, RunObserver
@@ -88,10 +90,16 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             observer = store_observer
             state.retention = Retention(store=state.store)
             await app.nursery.start(state.retention.serve)
+        coordinator: Coordinator = InProcessCoordinator()
+        if settings.redis_url:
+            # A node of a cluster: Redis unreachable now is a start-up error.
+            state.cluster, state.cluster_backend = await open_cluster(settings, app.nursery)
+            coordinator = state.cluster
         manager = SessionManager(
             agent=state.agent,
             observer=MeteredObserver(observer, state.metrics),
             config=settings.engine_config(),
+            coordinator=coordinator,
         )
         state.manager = await app.nursery.start(manager.serve)
 
@@ -101,6 +109,8 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         # agent, then the store.
         if state.manager is not None:
             await state.manager.aclose()
+        if state.cluster_backend is not None:
+            state.cluster_backend.stop()
         aclose = getattr(state.agent, "aclose", None)
         if aclose is not None:
             with trio.move_on_after(settings.cleanup_budget):
