@@ -28,8 +28,8 @@ Errors: a backend that cannot be reached (or does not answer within
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -90,7 +90,10 @@ class ClusterCoordinator:
         return self.owner.run_started
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        await self.owner.serve(task_status=task_status)
+        """The owner side's tasks (see :meth:`Owner.serve`)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.owner.serve)
+            task_status.started()
 
     def release(self, session: Session) -> None:
         self.owner.release(session)
@@ -118,14 +121,16 @@ class ClusterCoordinator:
         except BackendUnavailable as exc:
             raise CoordinatorUnavailable(str(exc)) from exc
         self.owner.hold(session, lease)
+        granted = False
         try:
             await self._end_orphans(lease)
-        except BaseException:
-            # The manager does not release what it was never granted.
-            self.owner.release(session)
-            if isinstance(sys.exc_info()[1], BackendUnavailable):
-                raise CoordinatorUnavailable("the shared state is unavailable") from None
-            raise
+            granted = True
+        except BackendUnavailable as exc:
+            raise CoordinatorUnavailable(str(exc)) from exc
+        finally:
+            if not granted:
+                # The manager does not release what it was never granted.
+                self.owner.release(session)
 
     # --- acquiring --------------------------------------------------------
 
@@ -291,11 +296,12 @@ class ClusterCoordinator:
             try:
                 await self._end_orphans(got)
             finally:
-                with trio.move_on_after(self.config.call_timeout, shield=True):
-                    try:
-                        await self.calls(self.backend.release(got))
-                    except BackendUnavailable:
-                        pass  # it expires by itself
+                # A release that fails leaves a lease that expires by itself.
+                with (
+                    trio.move_on_after(self.config.call_timeout, shield=True),
+                    contextlib.suppress(BackendUnavailable),
+                ):
+                    await self.calls(self.backend.release(got))
 
 
 _TERMINAL_TYPES = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})

@@ -16,6 +16,7 @@ dropped here, and nothing more is written with that lease.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import attrs
@@ -111,10 +112,8 @@ class Owner:
                 await mirror.done.wait()
             if held.state is HeldState.HELD:
                 held.state = HeldState.GONE
-                try:
+                with contextlib.suppress(BackendUnavailable):  # it expires by itself
                     await self.calls(self.calls.backend.release(held.lease))
-                except BackendUnavailable:
-                    pass
         self.held.clear()
 
     def lose(self, held: Held, why: str) -> bool:
@@ -128,9 +127,7 @@ class Owner:
             del self.held[ref]
         self.metrics.owner_lost += 1
         session = held.session
-        lifecycle_event(
-            "lease_lost", session=ref.session_id, token=held.lease.token, cause=why
-        )
+        lifecycle_event("lease_lost", session=ref.session_id, token=held.lease.token, cause=why)
         session.moved = True
         current = session.current
         if current is not None:
@@ -332,9 +329,12 @@ class Owner:
                 await self._end_for_handover(held, previous, intent.kind)
             if held.state is not HeldState.HELD or session.closed:
                 return not_owner
-            if intent.kind is IntentKind.ROLLBACK and previous is not None:
-                if previous.cancel_reason is CancelReason.SUPERSEDED:
-                    await session.roll_back(previous)
+            if (
+                intent.kind is IntentKind.ROLLBACK
+                and previous is not None
+                and previous.cancel_reason is CancelReason.SUPERSEDED
+            ):
+                await session.roll_back(previous)
             # From here the session admits nothing; its waiting prompts ask again.
             held.state = HeldState.MOVING
             session.moved = True

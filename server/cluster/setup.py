@@ -60,9 +60,9 @@ class HostedBackend:
         self._done.set()
 
 
-async def check_reachable(backend: ClusterBackend, url: str, timeout: float) -> None:
+async def check_reachable(backend: ClusterBackend, url: str, within: float) -> None:
     try:
-        with trio.fail_after(timeout):
+        with trio.fail_after(within):
             await backend.holder(SessionRef(principal="", session_id="startup-check"))
     except (BackendUnavailable, trio.TooSlowError, OSError) as exc:
         raise ClusterUnreachable(f"cannot reach Redis at {url}; check --redis-url") from exc

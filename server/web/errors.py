@@ -9,8 +9,8 @@ import logging
 from quart import Quart, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..core.limits import LimitExceeded
 from ..core.errors import CoordinatorUnavailable
+from ..core.limits import LimitExceeded
 from ..core.session import Draining, QueueFull, RunInProgress, SessionClosed
 
 logger = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from server.agents.scripted import ScriptedAgent
 from server.cluster.backend import SessionRef
 from server.cluster.memory import MemoryBackend
 from server.core import CancelReason, OnConflict, RunInProgress, RunStatus
-from tests.helpers import AliveProbe, SlowCleanupAgent, assert_well_formed
 from tests.cluster.nodes import PRINCIPAL, journal_index, start_node, terminals
+from tests.helpers import AliveProbe, SlowCleanupAgent, assert_well_formed
 
 
 def scripted(words: int = 5) -> ScriptedAgent:

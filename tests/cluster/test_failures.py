@@ -7,8 +7,8 @@ import trio
 import trio.testing
 
 from server.agents.scripted import ScriptedAgent
-from server.cluster.memory import MemoryBackend
 from server.cluster.backend import SessionRef
+from server.cluster.memory import MemoryBackend
 from server.core import CancelReason, CoordinatorUnavailable, RunStatus
 from tests.cluster.nodes import PRINCIPAL, TTL, start_node, terminals
 from tests.helpers import assert_well_formed
