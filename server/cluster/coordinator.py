@@ -111,6 +111,13 @@ class ClusterCoordinator:
                     self.metrics.lease_acquisitions += 1
                     lease = got
                     break
+                if got.node == self.node and not self.owner.holds(ref, got.token):
+                    # Ours, but no session here uses it (a release that did
+                    # not get through): drop it (fenced by its token), ask again.
+                    await self.calls(
+                        self.backend.release(Lease(session=ref, node=self.node, token=got.token))
+                    )
+                    continue
                 if on_conflict is OnConflict.REJECT and got.busy:
                     raise RunInProgress
                 handed = await self._ask_owner(ref, got, _INTENT_FOR[on_conflict])

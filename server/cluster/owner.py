@@ -79,6 +79,11 @@ class Owner:
         self.held[lease.session] = held
         return held
 
+    def holds(self, ref: SessionRef, token: int) -> bool:
+        """A session here holds (or is handing over) ``ref`` with ``token``."""
+        held = self.held.get(ref)
+        return held is not None and held.lease.token == token
+
     def release(self, session: Session) -> None:
         """The session was dropped: give its lease back (in the background)."""
         ref = ref_of(session.key)
@@ -299,10 +304,16 @@ class Owner:
                 self._nursery.start_soon(self._answer, intent)
 
     async def _answer(self, intent: Intent) -> None:
-        if intent.kind is IntentKind.STOP:
-            reply = await self._stop_here(intent)
-        else:
-            reply = await self._hand_over_here(intent)
+        """Answer one intent. Error handling: a failure here is logged and
+        answered NOT_OWNER (the asker asks again); it ends no other task."""
+        try:
+            if intent.kind is IntentKind.STOP:
+                reply = await self._stop_here(intent)
+            else:
+                reply = await self._hand_over_here(intent)
+        except Exception:
+            logger.exception("intent %s for %s failed", intent.kind.value, intent.session)
+            reply = Reply(status=ReplyStatus.NOT_OWNER)
         self.metrics.cancels_handled += 1
         try:
             await self.calls(self.calls.backend.reply(intent.reply_to, reply))

@@ -9,6 +9,11 @@ as text; with ``--log-format json`` the same event as one JSON object (see
 * ``prev_stream_finished_cleanly session=<sid> trace=<old run_id> waited_ms=<n>``
 * ``stream_start trace=<run_id> session=<sid>``
 
+Cluster mode adds ``lease_handed_over session=<sid> to=<node> token=<n>``
+(the owner's side of a cross-node supersede, after its
+``prev_stream_finished_cleanly``) and ``lease_lost session=<sid>
+token=<n> cause=<why>`` (its runs are then cancelled ``owner_lost``).
+
 In cluster mode every line also names the node (``node=<id>``): the node
 of the task that logs it (set by the session manager for its tasks), else
 the process's (set once at start-up).

@@ -188,3 +188,18 @@ async def test_events_from_another_node_after_a_seq_live_to_the_end(
         assert seen[-1]["type"] == "run.completed"
         assert trio.current_time() == run.ended_at
         nursery.cancel_scope.cancel()
+
+
+async def test_a_lease_of_this_node_that_no_session_uses_is_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, backend, "a", scripted(3))
+        # What a release that never got through leaves behind.
+        stale = await backend.acquire(S1, "a", TTL)
+        run = await a.prompt("first")
+        assert run.started_at == 0.0  # not after the stale lease's ttl
+        holder = await backend.holder(S1)
+        assert holder is not None and holder.token > stale.token  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
