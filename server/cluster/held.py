@@ -43,6 +43,9 @@ class ClusterMetrics:
     cancels_handled: int = 0  # intents this node answered
     fenced_writes_refused: int = 0  # writes the backend refused: the lease had moved
     backend_errors: int = 0  # calls that failed or timed out
+    # Whether the latest call reached the shared state (the intents reader
+    # calls at least every second): what /readyz reports.
+    reachable: bool = True
     # Seconds a prompt waited for another node to hand a session over (the latest).
     remote_waits: deque[float] = attrs.field(factory=lambda: deque(maxlen=1000))
     on_remote_wait: Callable[[float], None] | None = None
@@ -106,10 +109,14 @@ class Calls:
     async def __call__(self, call: Awaitable[T], *, block: float = 0.0) -> T:
         try:
             with trio.fail_after(self.config.call_timeout + block):
-                return await call
+                result = await call
         except trio.TooSlowError as exc:
             self.metrics.backend_errors += 1
+            self.metrics.reachable = False
             raise BackendUnavailable("the shared state did not answer in time") from exc
         except BackendUnavailable:
             self.metrics.backend_errors += 1
+            self.metrics.reachable = False
             raise
+        self.metrics.reachable = True
+        return result

@@ -28,6 +28,7 @@ from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAICh
 from ..wire.openai import completion
 from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
+from .cluster_metrics import install_cluster_metrics
 from .errors import error_response, install_error_handlers
 from .metrics import MeteredObserver, install_metrics_route
 from .openapi import install_openapi_route
@@ -94,6 +95,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         if settings.redis_url:
             # A node of a cluster: Redis unreachable now is a start-up error.
             state.cluster, state.cluster_backend = await open_cluster(settings, app.nursery)
+            install_cluster_metrics(state.metrics.registry, state.cluster.metrics)
             coordinator = state.cluster
         manager = SessionManager(
             agent=state.agent,

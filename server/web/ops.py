@@ -1,8 +1,8 @@
 """Operational endpoints: liveness, readiness, and the task tree.
 
 * ``GET /healthz``: the process is alive (200).
-* ``GET /readyz``: accepting runs (200), or starting/draining (503 with
-  ``Retry-After``).
+* ``GET /readyz``: accepting runs (200), or starting/draining, or (cluster
+  mode) Redis unreachable: ``coordinator_unavailable`` (503 with ``Retry-After``).
 * ``GET /debug/tasks``: the trio task tree, thread count and each session's
   state and current run; only with ``Authorization: Bearer <--admin-key>``,
   and 404 when no admin key is configured (off by default). It names
@@ -58,6 +58,13 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
             status = "starting" if manager is None else "draining"
             raise ApiError(
                 503, status, f"Not accepting runs: {status}.", headers={"Retry-After": "5"}
+            )
+        if state.cluster is not None and not state.cluster.metrics.reachable:
+            raise ApiError(
+                503,
+                "coordinator_unavailable",
+                "Not accepting runs: the cluster's shared state cannot be reached.",
+                headers={"Retry-After": "2"},
             )
         return jsonify({"status": "ready"})
 

@@ -105,4 +105,12 @@ async def test_prompt_with_the_shared_state_away_is_503(
         assert response.status_code == 503
         assert (await response.get_json())["error"]["code"] == "coordinator_unavailable"
         assert response.headers["Retry-After"] == "2"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert (await ready.get_json())["error"]["code"] == "coordinator_unavailable"
         backend.available = True
+        await trio.sleep(1.5)  # the intents reader's next call works
+        assert (await client.get("/readyz")).status_code == 200
+        scrape = (await (await client.get("/metrics")).get_data()).decode()
+        assert "stream_server_cluster_backend_errors_total" in scrape
+        assert "stream_server_cluster_remote_cleanup_wait_seconds_bucket" in scrape
