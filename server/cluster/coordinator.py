@@ -240,6 +240,15 @@ class ClusterCoordinator:
         except BackendUnavailable as exc:
             raise CoordinatorUnavailable(str(exc)) from exc
 
+    async def read_events(self, run_id: str, after: int, *, block: float) -> list[dict[str, Any]]:
+        """One bounded read of a run's events after ``after`` (maybe none)."""
+        try:
+            return await self.calls(
+                self.backend.run_events(run_id, after, block=block), block=block
+            )
+        except BackendUnavailable as exc:
+            raise CoordinatorUnavailable(str(exc)) from exc
+
     async def follow_events(
         self, run_id: str, after: int, *, block: float = REPLY_SLICE
     ) -> AsyncIterator[list[dict[str, Any]]]:
@@ -247,12 +256,7 @@ class ClusterCoordinator:
         event (check the record's principal first). Each read is bounded;
         a batch is yielded outside any cancel scope."""
         while True:
-            try:
-                batch = await self.calls(
-                    self.backend.run_events(run_id, after, block=block), block=block
-                )
-            except BackendUnavailable as exc:
-                raise CoordinatorUnavailable(str(exc)) from exc
+            batch = await self.read_events(run_id, after, block=block)
             if batch:
                 after = int(batch[-1]["seq"])
                 yield batch

@@ -11,12 +11,25 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..core.events import CancelReason, ErrorInfo, RunEvent, RunStatus, Usage
+from ..core.events import (
+    CancelReason,
+    ErrorInfo,
+    RunCancelled,
+    RunCompleted,
+    RunDelta,
+    RunEvent,
+    RunFailed,
+    RunInterrupted,
+    RunMessage,
+    RunStarted,
+    RunStatus,
+    Usage,
+)
 from ..core.result import RunResult
 from ..core.run import Run
 from ..wire.native import event_dict, usage_dict
 
-__all__ = ["event_dict", "orphan_ending", "record_of", "result_of"]
+__all__ = ["event_dict", "event_from_dict", "orphan_ending", "record_of", "result_of"]
 
 
 def record_of(run: Run, *, node: str, token: int) -> dict[str, Any]:
@@ -88,5 +101,50 @@ def orphan_ending(record: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return terminal, ended
 
 
-def is_terminal(event: RunEvent) -> bool:
-    return event.terminal
+_EVENT_TYPES: dict[str, type[RunEvent]] = {
+    kind.type: kind
+    for kind in (
+        RunStarted,
+        RunDelta,
+        RunMessage,
+        RunCompleted,
+        RunCancelled,
+        RunInterrupted,
+        RunFailed,
+    )
+}
+
+
+def _error(value: dict[str, Any] | None) -> ErrorInfo | None:
+    return None if value is None else ErrorInfo(code=value["code"], message=value["message"])
+
+
+def event_from_dict(body: dict[str, Any]) -> RunEvent:
+    """An event read back from the shared state (the inverse of
+    :func:`~server.wire.native.event_dict`), for the wire encoders."""
+    kind = _EVENT_TYPES[body["type"]]
+    fields: dict[str, Any] = {
+        "run_id": body["run_id"],
+        "session_id": body["session_id"],
+        "seq": int(body["seq"]),
+    }
+    if kind in (RunDelta, RunMessage):
+        fields["text"] = body.get("text", "")
+    if kind.terminal:
+        fields["error_details"] = _error(body.get("error_details"))
+    if kind in (RunCancelled, RunInterrupted):
+        fields["reason"] = CancelReason(body["reason"])
+    if kind is RunFailed:
+        fields["error"] = _error(body["error"])
+    if kind is RunCompleted:
+        usage = body.get("usage")
+        fields["finish_reason"] = body.get("finish_reason", "stop")
+        fields["usage"] = (
+            None
+            if usage is None
+            else Usage(
+                prompt_tokens=usage["prompt_tokens"],
+                completion_tokens=usage["completion_tokens"],
+            )
+        )
+    return kind(**fields)

@@ -29,6 +29,7 @@ from ..store import StoreError
 from ..wire import NativeNdjsonEncoder, NativeSseEncoder
 from ..wire.native import usage_dict
 from .errors import ApiError
+from .remote_stream import remote_frames, remote_stream_response
 from .requests import parse_session_id
 from .state import AppState
 from .streaming import RunStream, streaming_response
@@ -115,8 +116,27 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
             return jsonify(run_json(found.result))
         return await stored_or_missing(principal, run_id, found)
 
+    async def remote_events(run_id: str) -> Response:
+        """Cluster mode: a run of another node, from the shared state."""
+        assert state.cluster is not None
+        principal, _ = lookup(run_id)
+        after = parse_after(run_id)
+        record = await state.cluster.run_record(principal, run_id)
+        if record is None:
+            find_run(run_id)  # 410 or 404, as for a local run
+        assert record is not None
+        ndjson = "application/x-ndjson" in request.headers.get("Accept", "")
+        encoder = NativeNdjsonEncoder() if ndjson else NativeSseEncoder()
+        frames = remote_frames(
+            state.cluster, run_id, after, encoder, state.settings.heartbeat_interval
+        )
+        headers = {"X-Run-Id": run_id, "X-Session-Id": record["session_id"]}
+        return remote_stream_response(app.response_class, frames, encoder, headers)
+
     @app.get("/v1/runs/<run_id>/events")
     async def run_events(run_id: str) -> Response:  # noqa: ASYNC124
+        if state.cluster is not None and not isinstance(lookup(run_id)[1], Run):
+            return await remote_events(run_id)
         run = find_run(run_id)
         after = parse_after(run_id)
         if after >= len(run.log):

@@ -114,3 +114,37 @@ async def test_prompt_with_the_shared_state_away_is_503(
         scrape = (await (await client.get("/metrics")).get_data()).decode()
         assert "stream_server_cluster_backend_errors_total" in scrape
         assert "stream_server_cluster_remote_cleanup_wait_seconds_bucket" in scrape
+
+
+async def test_reattach_on_the_other_node_after_a_seq(
+    autojump_clock: trio.testing.MockClock, backend: MemoryBackend
+) -> None:
+    async with node(backend) as a, node(backend) as b, trio.open_nursery() as nursery:
+        run_id = await start_prompt(a, nursery, "first")
+        await trio.sleep(3.5)
+        client = b.test_client()
+        async with client.request(
+            f"/v1/runs/{run_id}/events",
+            method="GET",
+            headers={
+                **AUTH,
+                "Accept": "application/x-ndjson",
+                "Last-Event-ID": f"{run_id}:1",
+            },
+        ) as connection:
+            await connection.send_complete()
+            body = b""
+            while True:
+                try:
+                    body += await connection.receive()
+                except trio.EndOfChannel:
+                    break
+        events = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        seqs = [event["seq"] for event in events]
+        assert seqs == list(range(2, seqs[-1] + 1))  # no gap, no repeat
+        assert events[-1]["type"] == "run.completed"
+        missing = await b.test_client().get(
+            f"/v1/runs/{run_id}/events", headers={"Authorization": "Bearer other"}
+        )
+        assert missing.status_code == 404
+        nursery.cancel_scope.cancel()
