@@ -46,6 +46,11 @@ def run_state(run: Run) -> dict[str, Any]:
     }
 
 
+def lease_json(lease: tuple[str, int] | None) -> dict[str, Any] | None:
+    """A session's lease for /debug/tasks (None: not held, e.g. still acquiring)."""
+    return None if lease is None else {"node": lease[0], "token": lease[1]}
+
+
 def install_ops_routes(app: QuartTrio, state: AppState) -> None:
     @app.get("/healthz")
     async def healthz() -> Response:  # noqa: ASYNC124
@@ -85,6 +90,8 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
         assert root is not None  # we are inside the trio run
         tree = task_tree(root)
         manager = state.running_manager()
+        # Cluster mode: the node and fencing token of each session's lease.
+        leases = {} if state.cluster is None else state.cluster.leases()
         sessions = [
             {
                 "principal": key.principal,
@@ -92,11 +99,13 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
                 # Submissions admitted and not yet started (or refused).
                 "waiting_submissions": session.users,
                 "current_run": None if session.current is None else run_state(session.current),
+                **({} if state.cluster is None else {"lease": lease_json(leases.get(key))}),
             }
             for key, session in manager.sessions.items()
         ]
         return jsonify(
             {
+                **({} if state.cluster is None else {"node": state.cluster.node}),
                 "tasks": count_tasks(tree),
                 "threads": threading.active_count(),
                 "draining": manager.draining,

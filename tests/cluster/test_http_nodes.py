@@ -148,3 +148,19 @@ async def test_reattach_on_the_other_node_after_a_seq(
         )
         assert missing.status_code == 404
         nursery.cancel_scope.cancel()
+
+
+async def test_debug_tasks_shows_the_lease_of_each_session(
+    autojump_clock: trio.testing.MockClock, backend: MemoryBackend
+) -> None:
+    async with node(backend, admin_key="admin") as a, trio.open_nursery() as nursery:
+        await start_prompt(a, nursery, "first")
+        response = await a.test_client().get(
+            "/debug/tasks", headers={"Authorization": "Bearer admin"}
+        )
+        body = await response.get_json()
+        (session,) = body["sessions"]
+        assert session["lease"] == {"node": body["node"], "token": 1}
+        # Let the stream end by itself (the test client cannot be cancelled mid-request).
+        await trio.sleep(20)
+        nursery.cancel_scope.cancel()
