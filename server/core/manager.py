@@ -131,13 +131,20 @@ class SessionManager:
         :class:`TooManyRuns` when a limit refuses it (nothing created).
         In cluster mode also :class:`CoordinatorUnavailable`; a submission
         whose session moved to another node meanwhile asks again."""
-        for _ in range(MAX_MOVES):
-            try:
-                return await self._submit(principal, session_id, request, on_conflict)
-            except SessionClosed as closed:
-                if not closed.args or closed.args[0] is not _MOVED:
-                    raise
-        raise SessionClosed
+        # The node's id on lifecycle lines, also of the tasks (session, run)
+        # this submission starts: trio copies the spawner's context.
+        node = current_node.set(self.coordinator.node) if self.coordinator.node else None
+        try:
+            for _ in range(MAX_MOVES):
+                try:
+                    return await self._submit(principal, session_id, request, on_conflict)
+                except SessionClosed as closed:
+                    if not closed.args or closed.args[0] is not _MOVED:
+                        raise
+            raise SessionClosed
+        finally:
+            if node is not None:
+                current_node.reset(node)
 
     async def _submit(
         self,

@@ -18,6 +18,7 @@ from ..agents import build_agent
 from ..cluster.setup import open_cluster
 from ..core.agent import Agent
 from ..core.coordinator import Coordinator, InProcessCoordinator
+from ..core.lifecycle_log import set_process_node
 from ..core.events import RunFailed
 from ..core.manager import SessionManager
 from ..core.run import NullObserver, Run, RunObserver
@@ -113,6 +114,7 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             await state.manager.aclose()
         if state.cluster_backend is not None:
             state.cluster_backend.stop()
+            set_process_node(None)
         aclose = getattr(state.agent, "aclose", None)
         if aclose is not None:
             with trio.move_on_after(settings.cleanup_budget):

@@ -216,3 +216,20 @@ async def test_an_idle_session_gives_its_lease_back_at_once(
         assert a.coordinator.leases() == {}
         assert a.manager.sessions == {}
         nursery.cancel_scope.cancel()
+
+
+async def test_lifecycle_lines_name_the_node(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="server.lifecycle")
+    backend = MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, backend, "a", scripted(20))
+        b = await start_node(nursery, backend, "b", scripted(20))
+        first = await a.prompt("first")
+        second = await b.prompt("second")
+        lines = [record.getMessage() for record in caplog.records]
+        assert f"stream_cancelled trace={first.run_id} reason=superseded node=a" in lines
+        assert any(line.startswith("lease_handed_over session=s1 to=b") for line in lines)
+        assert f"stream_start trace={second.run_id} session=s1 node=b" in lines
+        nursery.cancel_scope.cancel()
