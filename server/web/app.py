@@ -18,8 +18,8 @@ from ..agents import build_agent
 from ..cluster.setup import open_cluster
 from ..core.agent import Agent
 from ..core.coordinator import Coordinator, InProcessCoordinator
-from ..core.lifecycle_log import set_process_node
 from ..core.events import RunFailed
+from ..core.lifecycle_log import set_process_node
 from ..core.manager import SessionManager
 from ..core.run import NullObserver, Run, RunObserver
 from ..core.session import OnConflict
