@@ -98,6 +98,13 @@ class ClusterCoordinator:
     def release(self, session: Session) -> None:
         self.owner.release(session)
 
+    async def run_recorded(self, run: Run) -> None:
+        """Until the run's record (and ``run.started``) is in the shared
+        state, at most ``call_timeout``: a client that learns the run's id
+        can then read it from any node."""
+        with trio.move_on_after(self.config.call_timeout):
+            await self.owner.wait_mirrored(run)
+
     async def acquire(self, session: Session, on_conflict: OnConflict) -> None:
         ref = ref_of(session.key)
         try:

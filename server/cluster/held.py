@@ -81,6 +81,9 @@ class Mirror:
     event is published (or the lease was lost)."""
 
     run: Run
+    # Set once its first publish (run.started and the record) went through,
+    # or the mirror ended without it.
+    first_published: trio.Event = attrs.field(factory=trio.Event)
     done: trio.Event = attrs.field(factory=trio.Event)
     terminal_published: bool = False
 

@@ -197,6 +197,13 @@ class Owner:
         subscription = run.subscribe().open()
         session.nursery.start_soon(self._mirror, held, mirror, subscription)
 
+    async def wait_mirrored(self, run: Run) -> None:
+        """Until ``run``'s first publish went through (or its mirror ended)."""
+        held = self.held.get(SessionRef(principal=run.principal, session_id=run.session_id))
+        mirror = None if held is None else held.mirrors.get(run.run_id)
+        if mirror is not None:
+            await mirror.first_published.wait()
+
     async def _mirror(self, held: Held, mirror: Mirror, subscription: Subscription) -> None:
         run = mirror.run
         pending: list[dict[str, object]] = []
@@ -215,6 +222,7 @@ class Owner:
                     if not await self._publish(held, run, pending, with_record=first or final):
                         return
                     first, pending = False, []
+                    mirror.first_published.set()
                     if subscription.finished:
                         mirror.terminal_published = True
                         return
@@ -231,6 +239,7 @@ class Owner:
                             await self._publish_once(held, run, pending)
             finally:
                 held.mirrors.pop(run.run_id, None)
+                mirror.first_published.set()  # nothing more to wait for
                 mirror.done.set()
 
     async def _publish(

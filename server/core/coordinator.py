@@ -15,6 +15,9 @@ The manager calls, in order:
   (``reject``) or :class:`CoordinatorUnavailable`);
 * ``run_started(session, run)`` right after each run's task started, when
   the coordinator has that hook (cluster mode only);
+* (cluster mode) :meth:`Coordinator.run_recorded` once ``run.started`` is
+  out, before the client learns the run's id: bounded, it waits until the
+  run's record is in the shared state, so any node can answer for it;
 * :meth:`Coordinator.release` when the session is dropped.
 """
 
@@ -45,6 +48,9 @@ class Coordinator(Protocol):
     def release(self, session: Session) -> None:
         """Give up ownership (the session was dropped)."""
 
+    async def run_recorded(self, run: Run) -> None:
+        """Cluster mode: until ``run``'s start is in the shared state (bounded)."""
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The coordinator's own tasks (cluster mode), until cancelled."""
 
@@ -62,6 +68,9 @@ class InProcessCoordinator:
 
     def release(self, session: Session) -> None:
         self.owned.discard(session.key)
+
+    async def run_recorded(self, run: Run) -> None:
+        return None  # never asked: there is no shared state
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

@@ -206,6 +206,8 @@ class SessionManager:
             # learn its id. Still in line meanwhile, so the session is busy
             # and the next prompt waits its turn.
             await run.wait_started()
+            if self.coordinator.node is not None:
+                await self.coordinator.run_recorded(run)
         finally:
             session.leave(ticket)
         return run

@@ -233,3 +233,18 @@ async def test_lifecycle_lines_name_the_node(
         assert any(line.startswith("lease_handed_over session=s1 to=b") for line in lines)
         assert f"stream_start trace={second.run_id} session=s1 node=b" in lines
         nursery.cancel_scope.cancel()
+
+
+async def test_a_run_is_readable_from_any_node_once_its_id_is_known(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, backend, "a", scripted(3))
+        b = await start_node(nursery, backend, "b", scripted(3))
+        run = await a.prompt("first")
+        # No checkpoint since the prompt returned its run.
+        record = backend._runs[run.run_id].record
+        assert record is not None and record["status"] == "running"
+        assert (await b.coordinator.run_record(PRINCIPAL, run.run_id)) is not None
+        nursery.cancel_scope.cancel()
