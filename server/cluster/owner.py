@@ -1,10 +1,10 @@
 """The owner side of a node: the sessions it holds, what keeps their
-leases alive, what copies their runs to the shared state, and what it does
-when another node asks for one of them.
+leases alive and what copies their runs to the shared state (what it does
+when another node asks for one of them: :mod:`server.cluster.intents`).
 
-Resource handling: :meth:`Owner.serve` runs the node's two long-lived
-tasks (the intents reader and the renewer) and one task per intent, in its
-own nursery (inside the session manager's); a run's mirror lives in its
+Resource handling: :meth:`Owner.serve` runs the node's long-lived tasks
+(the intents reader, the renewer, the lease deadline watcher) and one task
+per intent, in its own nursery (inside the session manager's); a run's mirror lives in its
 session's nursery. On the way out every lease still held is released,
 shielded and bounded, once its runs' terminal events are published.
 
@@ -26,26 +26,18 @@ from ..core.eventlog import Subscription
 from ..core.events import CancelReason
 from ..core.lifecycle_log import lifecycle_event
 from ..core.run import Run
-from ..core.session import Session, SessionClosed
+from ..core.session import Session
 from ..wire.native import event_dict
 from .backend import (
     BackendUnavailable,
-    Intent,
-    IntentKind,
     Lease,
-    Reply,
-    ReplyStatus,
     SessionRef,
 )
 from .held import Calls, ClusterConfig, ClusterMetrics, Held, HeldState, Mirror, ref_of
+from .intents import MAX_BACKOFF, Intents
 from .records import record_of
 
 logger = logging.getLogger(__name__)
-
-# Longest pause between retries of a call the backend could not take.
-MAX_BACKOFF = 1.0
-# A blocking read of the inbox waits this long per call.
-INBOX_BLOCK = 1.0
 
 
 @attrs.define(eq=False)
@@ -63,7 +55,7 @@ class Owner:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._read_intents)
+                nursery.start_soon(Intents(self).read_forever, nursery)
                 nursery.start_soon(self._renew_forever)
                 nursery.start_soon(self._watch_deadlines)
                 task_status.started()
@@ -289,125 +281,3 @@ class Owner:
             return
         if not published:
             self.metrics.fenced_writes_refused += 1
-
-    # --- intents from other nodes --------------------------------------------------
-
-    async def _read_intents(self) -> None:
-        after = "0"
-        backoff = 0.05
-        while True:
-            try:
-                batch = await self.calls(
-                    self.calls.backend.read_intents(self.node, after, block=INBOX_BLOCK),
-                    block=INBOX_BLOCK,
-                )
-            except BackendUnavailable:
-                await trio.sleep(backoff)
-                backoff = min(MAX_BACKOFF, backoff * 2)
-                continue
-            backoff = 0.05
-            assert self._nursery is not None
-            for position, intent in batch:
-                after = position
-                # One task per intent: a slow cleanup holds up no other session.
-                self._nursery.start_soon(self._answer, intent)
-
-    async def _answer(self, intent: Intent) -> None:
-        """Answer one intent. Error handling: a failure here is logged and
-        answered NOT_OWNER (the asker asks again); it ends no other task."""
-        try:
-            if intent.kind is IntentKind.STOP:
-                reply = await self._stop_here(intent)
-            else:
-                reply = await self._hand_over_here(intent)
-        except Exception:
-            logger.exception("intent %s for %s failed", intent.kind.value, intent.session)
-            reply = Reply(status=ReplyStatus.NOT_OWNER)
-        self.metrics.cancels_handled += 1
-        try:
-            await self.calls(self.calls.backend.reply(intent.reply_to, reply))
-        except BackendUnavailable:
-            # The asker sees the lease move (or expire) and asks again.
-            logger.warning("intent %s: the reply could not be written", intent.kind.value)
-
-    async def _hand_over_here(self, intent: Intent) -> Reply:
-        not_owner = Reply(status=ReplyStatus.NOT_OWNER)
-        held = self.held.get(intent.session)
-        if held is None or held.state is not HeldState.HELD:
-            return not_owner
-        session = held.session
-        try:
-            # A place in the session's line: local prompts admitted before
-            # the intent are served first (enqueue keeps its order across nodes).
-            ticket = session.admit()
-        except SessionClosed:
-            return not_owner
-        try:
-            await ticket.wait()
-            previous = session.current
-            if held.state is HeldState.HELD and previous is not None:
-                await self._end_for_handover(held, previous, intent.kind)
-            if held.state is not HeldState.HELD or session.closed:
-                return not_owner
-            if (
-                intent.kind is IntentKind.ROLLBACK
-                and previous is not None
-                and previous.cancel_reason is CancelReason.SUPERSEDED
-            ):
-                await session.roll_back(previous)
-            # From here the session admits nothing; its waiting prompts ask again.
-            held.state = HeldState.MOVING
-            session.moved = True
-            session.close()
-            try:
-                lease = await self.calls(
-                    self.calls.backend.hand_over(
-                        held.lease, intent.from_node, self.config.lease_ttl
-                    )
-                )
-            except BackendUnavailable:
-                lease = None
-            held.state = HeldState.GONE
-            if lease is None:
-                self.metrics.fenced_writes_refused += 1
-                return not_owner
-            self.metrics.handovers_given += 1
-            lifecycle_event(
-                "lease_handed_over",
-                session=session.session_id,
-                to=intent.from_node,
-                token=lease.token,
-            )
-            return Reply(status=ReplyStatus.DONE, token=lease.token)
-        finally:
-            session.leave(ticket)
-
-    async def _end_for_handover(self, held: Held, run: Run, kind: IntentKind) -> None:
-        if not run.ended:
-            wait_started = trio.current_time()
-            if kind is not IntentKind.ENQUEUE:
-                run.cancel(CancelReason.SUPERSEDED)
-            await run.wait_ended()
-            lifecycle_event(
-                "prev_stream_finished_cleanly",
-                session=run.session_id,
-                trace=run.run_id,
-                waited_ms=round((trio.current_time() - wait_started) * 1000),
-            )
-        mirror = held.mirrors.get(run.run_id)
-        if mirror is not None:
-            await mirror.done.wait()
-
-    async def _stop_here(self, intent: Intent) -> Reply:
-        held = self.held.get(intent.session)
-        run = held.session.current if held is not None else None
-        if held is None or run is None or run.run_id != intent.run_id:
-            return Reply(status=ReplyStatus.NO_SUCH_RUN)
-        stopped = run.cancel(CancelReason.CLIENT_STOP)
-        await run.wait_ended()
-        mirror = held.mirrors.get(run.run_id)
-        if mirror is not None:
-            await mirror.done.wait()
-        record = record_of(run, node=self.node, token=held.lease.token)
-        status = ReplyStatus.DONE if stopped else ReplyStatus.NO_SUCH_RUN
-        return Reply(status=status, record=record)
