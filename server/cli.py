@@ -163,6 +163,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         defaults.store_prompts,
         "keep each run's prompt in the run store (off: only who, when, how it ended, the answer)",
     )
+    option(
+        "--redis-url",
+        str,
+        defaults.redis_url,
+        "redis://host:port/db: run as a node of the cluster sharing this Redis (docs/cluster.md)",
+    )
+    option(
+        "--lease-ttl",
+        float,
+        defaults.lease_ttl,
+        "cluster mode: seconds a session's lease lives unrenewed (how long a dead node holds it)",
+    )
     option("--retain-runs", int, defaults.retain_runs, "ended runs kept for reattach")
     option("--retain-seconds", float, defaults.retain_seconds, "seconds an ended run is kept")
     option(
@@ -233,6 +245,8 @@ def parse_settings(
             coalesce_ms=args.coalesce_ms,
             data_dir=args.data_dir,
             store_prompts=args.store_prompts,
+            redis_url=args.redis_url or None,
+            lease_ttl=args.lease_ttl,
             retain_runs=args.retain_runs,
             retain_seconds=args.retain_seconds,
             retain_bytes=args.retain_bytes,

@@ -76,6 +76,11 @@ class Settings:
     )
     # The run store (SQLite) lives here; "" keeps run records in memory only.
     data_dir: str = "data"
+    # Cluster mode: this process is a node of the cluster sharing this Redis.
+    redis_url: str | None = None
+    # Seconds a session's lease lives without renewal: how long a dead node
+    # can hold a session.
+    lease_ttl: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     # Keep each run's prompt in the run store (off: the prompt column is NULL).
     store_prompts: bool = False
     # Ended runs whose events stay available for reattach (then 410).

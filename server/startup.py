@@ -17,6 +17,7 @@ import trio
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from .agents import AgentConfigError
+from .cluster.setup import ClusterUnreachable
 from .settings import Settings
 from .store import StoreOpenError
 
@@ -64,6 +65,8 @@ def app_error(exc: BaseException) -> StartupError | None:
         return store_error(exc)
     if isinstance(exc, AgentConfigError):
         return agent_error(exc)
+    if isinstance(exc, ClusterUnreachable):
+        return StartupError(f"cluster: {exc}")
     return None
 
 

@@ -5,6 +5,7 @@ from .agent import AgentRequest as AgentRequest
 from .agent import ChatTurn as ChatTurn
 from .config import EngineConfig as EngineConfig
 from .errors import AgentError as AgentError
+from .errors import CoordinatorUnavailable as CoordinatorUnavailable
 from .errors import Draining as Draining
 from .errors import LifecycleError as LifecycleError
 from .errors import LimitExceeded as LimitExceeded

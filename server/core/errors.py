@@ -37,6 +37,14 @@ class SessionClosed(Exception):
     for it; the submission may be retried."""
 
 
+class CoordinatorUnavailable(Exception):
+    """Cluster mode: the shared state (Redis) could not be reached in time,
+    so the session's ownership could not be settled; nothing was started.
+    The HTTP edge answers 503 ``coordinator_unavailable`` with Retry-After."""
+
+    retry_after = 2
+
+
 class LimitExceeded(Exception):
     """A configured limit refused the request; nothing was created.
 

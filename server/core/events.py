@@ -26,12 +26,15 @@ class CancelReason(enum.StrEnum):
     CLIENT_DISCONNECT = "client_disconnect"
     SHUTDOWN = "shutdown"
     DEADLINE = "deadline"
+    # Cluster mode: the node lost the session's lease (paused, cut off from
+    # the shared state, or its lease expired) and stops its runs there.
+    OWNER_LOST = "owner_lost"
 
     @property
     def ended_by_server(self) -> bool:
-        """Shutdown and deadline are the server's doing: the run is
-        *interrupted*. The others answer something a client did: *cancelled*."""
-        return self in (CancelReason.SHUTDOWN, CancelReason.DEADLINE)
+        """Shutdown, deadline and owner_lost are the server's doing: the run
+        is *interrupted*. The others answer something a client did: *cancelled*."""
+        return self in (CancelReason.SHUTDOWN, CancelReason.DEADLINE, CancelReason.OWNER_LOST)
 
 
 class RunStatus(enum.StrEnum):

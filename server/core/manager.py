@@ -32,6 +32,7 @@ from .config import EngineConfig
 from .coordinator import Coordinator, InProcessCoordinator
 from .errors import Draining, QueueFull, RunInProgress, SessionClosed, TooManyRuns, TooManySessions
 from .events import CancelReason
+from .lifecycle_log import current_node
 from .registry import RunRegistry
 from .run import NullObserver, Run, RunObserver
 from .session import LiveRuns, OnConflict, Session, SessionKey
@@ -39,6 +40,11 @@ from .session import LiveRuns, OnConflict, Session, SessionKey
 logger = logging.getLogger(__name__)
 
 __all__ = ["Draining", "EngineConfig", "SessionClosed", "SessionManager"]
+
+
+# Times one submission follows its session to another owner before giving up.
+MAX_MOVES = 8
+_MOVED = "moved"
 
 
 def ephemeral_session_id() -> str:
@@ -89,9 +95,14 @@ class SessionManager:
     async def serve(
         self, *, task_status: trio.TaskStatus[SessionManager] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        if self.coordinator.node is not None:
+            # Every task of this node (sessions, runs, intents) logs its id.
+            current_node.set(self.coordinator.node)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self.coordinator.node is not None:
+                    await nursery.start(self.coordinator.serve)
                 task_status.started(self)
                 await self._closing.wait()
                 await self._stop_runs(grace=0)
@@ -117,7 +128,31 @@ class SessionManager:
         if the session failed to start while this submission waited,
         :class:`RunInProgress` (``reject``) and :class:`QueueFull`
         (``enqueue``) as ``on_conflict`` says, :class:`TooManySessions` and
-        :class:`TooManyRuns` when a limit refuses it (nothing created)."""
+        :class:`TooManyRuns` when a limit refuses it (nothing created).
+        In cluster mode also :class:`CoordinatorUnavailable`; a submission
+        whose session moved to another node meanwhile asks again."""
+        # The node's id on lifecycle lines, also of the tasks (session, run)
+        # this submission starts: trio copies the spawner's context.
+        node = current_node.set(self.coordinator.node) if self.coordinator.node else None
+        try:
+            for _ in range(MAX_MOVES):
+                try:
+                    return await self._submit(principal, session_id, request, on_conflict)
+                except SessionClosed as closed:
+                    if not closed.args or closed.args[0] is not _MOVED:
+                        raise
+            raise SessionClosed
+        finally:
+            if node is not None:
+                current_node.reset(node)
+
+    async def _submit(
+        self,
+        principal: str,
+        session_id: str | None,
+        request: AgentRequest,
+        on_conflict: OnConflict,
+    ) -> Run:
         if self.draining:
             raise Draining
         ephemeral = session_id is None
@@ -128,6 +163,7 @@ class SessionManager:
         # synchronous step: that fixes the order submissions are served in.
         session = self._sessions.get(key)
         created = session is None
+        cluster = self.coordinator.node is not None
         # Every limit is checked before anything is created or counted.
         if session is None:
             self._check_room_for_session(principal)
@@ -138,7 +174,8 @@ class SessionManager:
                 key=key,
                 agent=self.agent,
                 config=self.config,
-                idle_timeout=0 if ephemeral else self.config.idle_timeout,
+                # A cluster node gives a session's lease back once it is idle.
+                idle_timeout=0 if ephemeral or cluster else self.config.idle_timeout,
                 live_runs=self.live_runs,
                 observer=self.observer,
                 on_dropped=self._forget,
@@ -155,13 +192,22 @@ class SessionManager:
         self._take_run_slot(session)
         try:
             if created:
-                await self._start_session(session)
-            run = await session.submit(request, ticket, on_conflict=on_conflict)
+                await self._start_session(session, on_conflict)
+            try:
+                run = await session.submit(request, ticket, on_conflict=on_conflict)
+            except SessionClosed:
+                if session.moved:
+                    raise SessionClosed(_MOVED) from None
+                raise
+            if self.coordinator.run_started is not None:
+                self.coordinator.run_started(session, run)
             self.runs.add(principal, run)
             # Its start recorded, run.started out: only now may the client
             # learn its id. Still in line meanwhile, so the session is busy
             # and the next prompt waits its turn.
             await run.wait_started()
+            if self.coordinator.node is not None:
+                await self.coordinator.run_recorded(run)
         finally:
             session.leave(ticket)
         return run
@@ -169,10 +215,10 @@ class SessionManager:
     def find_session(self, principal: str, session_id: str) -> Session | None:
         return self._sessions.get(SessionKey(principal, session_id))
 
-    async def _start_session(self, session: Session) -> None:
+    async def _start_session(self, session: Session, on_conflict: OnConflict) -> None:
         assert self._nursery is not None
         try:
-            await self.coordinator.acquire(session.key)
+            await self.coordinator.acquire(session, on_conflict)
             self._coordinated.add(session)
             await self._nursery.start(session.serve)
         except BaseException:
@@ -226,7 +272,7 @@ class SessionManager:
                 del self._sessions_of[principal]
         if session in self._coordinated:
             self._coordinated.discard(session)
-            self.coordinator.release(session.key)
+            self.coordinator.release(session)
 
     # --- shutting down -----------------------------------------------------
 

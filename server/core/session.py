@@ -121,6 +121,9 @@ class Session:
     on_quiet: Callable[[Session], None] = attrs.field(default=lambda session: None)
     # Set and cleared by the manager, which counts concurrent runs.
     holds_run_slot: bool = attrs.field(default=False, init=False)
+    # Cluster mode: the session's ownership moved to another node (handed
+    # over, or its lease lost): a submission told SessionClosed asks again.
+    moved: bool = attrs.field(default=False, init=False)
 
     current: Run | None = attrs.field(default=None, init=False)
     users: int = attrs.field(default=0, init=False)
@@ -134,6 +137,12 @@ class Session:
     @property
     def session_id(self) -> str:
         return self.key.session_id
+
+    @property
+    def nursery(self) -> trio.Nursery:
+        """Where the session's runs (and, in cluster mode, their mirrors) live."""
+        assert self._nursery is not None
+        return self._nursery
 
     @property
     def idle(self) -> bool:
@@ -259,8 +268,10 @@ class Session:
             if self.live_runs.draining:
                 # Shutdown began while we waited: admit nothing new.
                 raise Draining
+            if self.closed:  # its ownership moved elsewhere meanwhile
+                raise SessionClosed
         if on_conflict is OnConflict.ROLLBACK and superseding and previous is not None:
-            await self._roll_back(previous)
+            await self.roll_back(previous)
         run = Run(
             session_id=self.session_id,
             principal=self.key.principal,
@@ -288,7 +299,7 @@ class Session:
             raise
         return run
 
-    async def _roll_back(self, run: Run) -> None:
+    async def roll_back(self, run: Run) -> None:
         """Forget a superseded run: its record, then (only if that worked) the
         run itself, so the registry and the store never disagree. The new
         prompt goes ahead either way."""

@@ -15,8 +15,11 @@ from quart import Response, g, jsonify, request
 from quart_trio import QuartTrio
 
 from ..agents import build_agent
+from ..cluster.setup import open_cluster
 from ..core.agent import Agent
+from ..core.coordinator import Coordinator, InProcessCoordinator
 from ..core.events import RunFailed
+from ..core.lifecycle_log import set_process_node
 from ..core.manager import SessionManager
 from ..core.run import NullObserver, Run, RunObserver
 from ..core.session import OnConflict
@@ -26,6 +29,7 @@ from ..wire import FrameEncoder, NativeNdjsonEncoder, NativeSseEncoder, OpenAICh
 from ..wire.openai import completion
 from .asgi import StreamingHTTPConnection
 from .auth import KeyRing
+from .cluster_metrics import install_cluster_metrics
 from .errors import error_response, install_error_handlers
 from .metrics import MeteredObserver, install_metrics_route
 from .openapi import install_openapi_route
@@ -88,10 +92,17 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
             observer = store_observer
             state.retention = Retention(store=state.store)
             await app.nursery.start(state.retention.serve)
+        coordinator: Coordinator = InProcessCoordinator()
+        if settings.redis_url:
+            # A node of a cluster: Redis unreachable now is a start-up error.
+            state.cluster, state.cluster_backend = await open_cluster(settings, app.nursery)
+            install_cluster_metrics(state.metrics.registry, state.cluster.metrics)
+            coordinator = state.cluster
         manager = SessionManager(
             agent=state.agent,
             observer=MeteredObserver(observer, state.metrics),
             config=settings.engine_config(),
+            coordinator=coordinator,
         )
         state.manager = await app.nursery.start(manager.serve)
 
@@ -101,6 +112,9 @@ def create_app(settings: Settings, *, agent: Agent | None = None) -> QuartTrio:
         # agent, then the store.
         if state.manager is not None:
             await state.manager.aclose()
+        if state.cluster_backend is not None:
+            state.cluster_backend.stop()
+            set_process_node(None)
         aclose = getattr(state.agent, "aclose", None)
         if aclose is not None:
             with trio.move_on_after(settings.cleanup_budget):

@@ -9,6 +9,7 @@ import logging
 from quart import Quart, Response, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from ..core.errors import CoordinatorUnavailable
 from ..core.limits import LimitExceeded
 from ..core.session import Draining, QueueFull, RunInProgress, SessionClosed
 
@@ -72,6 +73,12 @@ _ENGINE_ERRORS: dict[type[Exception], tuple[int, str, str, dict[str, str]]] = {
         "queue_full",
         "Too many prompts are waiting in this session.",
         {"Retry-After": "1"},
+    ),
+    CoordinatorUnavailable: (
+        503,
+        "coordinator_unavailable",
+        "The cluster's shared state cannot be reached; retry shortly.",
+        {"Retry-After": str(CoordinatorUnavailable.retry_after)},
     ),
     SessionClosed: (
         503,

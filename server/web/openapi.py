@@ -135,7 +135,9 @@ _CHAT_COMPLETIONS = {
             "500": _error("`internal_error`: the run failed on a server bug, or a server bug."),
             "502": _error("The agent's error code: a non-streaming request whose run failed."),
             "503": _error(
-                "`draining`, `starting` or `session_unavailable`; retry later.", retry_after=True
+                "`draining`, `starting`, `session_unavailable` or `coordinator_unavailable`"
+                " (cluster mode: Redis unreachable); retry later.",
+                retry_after=True,
             ),
         },
     }

@@ -22,7 +22,14 @@ EVENT_TYPES = (
     "run.interrupted",
     "run.failed",
 )
-CANCEL_REASONS = ("superseded", "client_stop", "client_disconnect", "shutdown", "deadline")
+CANCEL_REASONS = (
+    "superseded",
+    "client_stop",
+    "client_disconnect",
+    "shutdown",
+    "deadline",
+    "owner_lost",
+)
 SESSION_ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"}
 NO_AUTH: list[dict[str, list[str]]] = []
 

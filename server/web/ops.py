@@ -1,8 +1,8 @@
 """Operational endpoints: liveness, readiness, and the task tree.
 
 * ``GET /healthz``: the process is alive (200).
-* ``GET /readyz``: accepting runs (200), or starting/draining (503 with
-  ``Retry-After``).
+* ``GET /readyz``: accepting runs (200), or starting/draining, or (cluster
+  mode) Redis unreachable: ``coordinator_unavailable`` (503 with ``Retry-After``).
 * ``GET /debug/tasks``: the trio task tree, thread count and each session's
   state and current run; only with ``Authorization: Bearer <--admin-key>``,
   and 404 when no admin key is configured (off by default). It names
@@ -46,6 +46,11 @@ def run_state(run: Run) -> dict[str, Any]:
     }
 
 
+def lease_json(lease: tuple[str, int] | None) -> dict[str, Any] | None:
+    """A session's lease for /debug/tasks (None: not held, e.g. still acquiring)."""
+    return None if lease is None else {"node": lease[0], "token": lease[1]}
+
+
 def install_ops_routes(app: QuartTrio, state: AppState) -> None:
     @app.get("/healthz")
     async def healthz() -> Response:  # noqa: ASYNC124
@@ -58,6 +63,13 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
             status = "starting" if manager is None else "draining"
             raise ApiError(
                 503, status, f"Not accepting runs: {status}.", headers={"Retry-After": "5"}
+            )
+        if state.cluster is not None and not state.cluster.metrics.reachable:
+            raise ApiError(
+                503,
+                "coordinator_unavailable",
+                "Not accepting runs: the cluster's shared state cannot be reached.",
+                headers={"Retry-After": "2"},
             )
         return jsonify({"status": "ready"})
 
@@ -78,6 +90,8 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
         assert root is not None  # we are inside the trio run
         tree = task_tree(root)
         manager = state.running_manager()
+        # Cluster mode: the node and fencing token of each session's lease.
+        leases = {} if state.cluster is None else state.cluster.leases()
         sessions = [
             {
                 "principal": key.principal,
@@ -85,11 +99,13 @@ def install_ops_routes(app: QuartTrio, state: AppState) -> None:
                 # Submissions admitted and not yet started (or refused).
                 "waiting_submissions": session.users,
                 "current_run": None if session.current is None else run_state(session.current),
+                **({} if state.cluster is None else {"lease": lease_json(leases.get(key))}),
             }
             for key, session in manager.sessions.items()
         ]
         return jsonify(
             {
+                **({} if state.cluster is None else {"node": state.cluster.node}),
                 "tasks": count_tasks(tree),
                 "threads": threading.active_count(),
                 "draining": manager.draining,

@@ -20,6 +20,7 @@ import trio
 from quart import Response, jsonify, request
 from quart_trio import QuartTrio
 
+from ..cluster.records import result_of
 from ..core.events import CancelReason
 from ..core.registry import Gone
 from ..core.result import RunResult
@@ -28,6 +29,7 @@ from ..store import StoreError
 from ..wire import NativeNdjsonEncoder, NativeSseEncoder
 from ..wire.native import usage_dict
 from .errors import ApiError
+from .remote_stream import remote_frames, remote_stream_response
 from .requests import parse_session_id
 from .state import AppState
 from .streaming import RunStream, StreamResponse
@@ -89,7 +91,8 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
         return found
 
     async def stored_or_missing(principal: str, run_id: str, found: Gone | None) -> Response:
-        """The record from the store, else 410 (known, forgotten) or 404."""
+        """The record from the store, else (cluster mode) from the shared
+        state, else 410 (known, forgotten) or 404."""
         if state.store is not None:
             try:
                 record = await state.store.get_for_principal(principal, run_id)
@@ -98,6 +101,10 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
                 raise ApiError(503, info.code, info.message, headers={"Retry-After": "1"}) from None
             if record is not None:
                 return jsonify(run_json(record.result))
+        if state.cluster is not None:
+            shared = await state.cluster.run_record(principal, run_id)
+            if shared is not None:
+                return jsonify(run_json(result_of(shared)))
         if isinstance(found, Gone):
             raise ApiError(410, "run_gone", "The run is past retention and no longer kept.")
         raise ApiError(404, "run_not_found", "No such run.")
@@ -109,8 +116,27 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
             return jsonify(run_json(found.result))
         return await stored_or_missing(principal, run_id, found)
 
+    async def remote_events(run_id: str) -> Response:
+        """Cluster mode: a run of another node, from the shared state."""
+        assert state.cluster is not None
+        principal, _ = lookup(run_id)
+        after = parse_after(run_id)
+        record = await state.cluster.run_record(principal, run_id)
+        if record is None:
+            find_run(run_id)  # 410 or 404, as for a local run
+        assert record is not None
+        ndjson = "application/x-ndjson" in request.headers.get("Accept", "")
+        encoder = NativeNdjsonEncoder() if ndjson else NativeSseEncoder()
+        frames = remote_frames(
+            state.cluster, run_id, after, encoder, state.settings.heartbeat_interval
+        )
+        headers = {"X-Run-Id": run_id, "X-Session-Id": record["session_id"]}
+        return remote_stream_response(app.response_class, frames, encoder, headers)
+
     @app.get("/v1/runs/<run_id>/events")
     async def run_events(run_id: str) -> Response:  # noqa: ASYNC124
+        if state.cluster is not None and not isinstance(lookup(run_id)[1], Run):
+            return await remote_events(run_id)
         run = find_run(run_id)
         after = parse_after(run_id)
         if after >= len(run.log):
@@ -135,6 +161,11 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
     @app.post("/v1/runs/<run_id>/cancel")
     async def cancel_run(run_id: str) -> Response:
         principal, found = lookup(run_id)
+        if not isinstance(found, Run) and state.cluster is not None:
+            # Cluster mode: a run of another node is stopped there (acknowledged).
+            stopped = await state.cluster.stop_run(principal, run_id)
+            if stopped is not None:
+                return jsonify(run_json(result_of(stopped)))
         if not isinstance(found, Run):
             # Ended long ago: stopping it changes nothing; answer its record.
             return await stored_or_missing(principal, run_id, found)
@@ -166,6 +197,17 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
                 stored = []  # what memory holds will do
             known = {run.run_id for run in live}
             recent += [run_json(record.result) for record in stored if record.run_id not in known]
+            del recent[RECENT_RUNS:]
+        if state.cluster is not None:
+            # Cluster mode: runs of every node, newest first, for the retention window.
+            shared = await state.cluster.session_runs(principal, session_id, RECENT_RUNS)
+            known_ids = {entry["id"] for entry in recent}
+            recent += [
+                run_json(result_of(record))
+                for record in shared
+                if record["run_id"] not in known_ids
+            ]
+            recent.sort(key=lambda entry: entry["created_at"], reverse=True)
             del recent[RECENT_RUNS:]
         session = manager.find_session(principal, session_id)
         if session is not None and session.current is not None:

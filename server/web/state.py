@@ -7,6 +7,8 @@ import trio
 from quart_trio import QuartTrio
 
 from ..agents.blocking import ThreadAccounting, abandoned_threads
+from ..cluster.coordinator import ClusterCoordinator
+from ..cluster.setup import HostedBackend
 from ..core.agent import Agent
 from ..core.manager import SessionManager
 from ..settings import Settings
@@ -25,6 +27,9 @@ class AppState:
     manager: SessionManager | None = None
     store: SqliteRunStore | None = None
     retention: Retention | None = None
+    # Cluster mode (--redis-url): this node's coordinator and its backend's host.
+    cluster: ClusterCoordinator | None = None
+    cluster_backend: HostedBackend | None = None
     metrics: Metrics = attrs.field(factory=Metrics)
     # Bounds the worker threads that parse large request bodies.
     parse_limiter: trio.CapacityLimiter = attrs.field(factory=parse_limiter)

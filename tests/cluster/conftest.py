@@ -15,6 +15,8 @@ from collections.abc import Generator, Iterator
 
 import pytest
 
+from server.core.lifecycle_log import set_process_node
+
 from .redis_process import RedisProcess, redis_server_path, running_redis
 
 REQUIRE_REDIS = os.environ.get("STREAM_SERVER_REQUIRE_REDIS") == "1"
@@ -52,3 +54,10 @@ def pytest_runtest_makereport(
         if isinstance(redis, RedisProcess):
             report.sections.append((f"redis-server log :{redis.port}", redis.log_text()))
     return report
+
+
+@pytest.fixture(autouse=True)
+def no_process_node() -> Iterator[None]:
+    """A node id set for the process by a test is reset after it."""
+    yield
+    set_process_node(None)

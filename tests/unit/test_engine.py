@@ -357,13 +357,16 @@ async def test_submit_at_the_idle_deadline_is_served_and_drain_finishes(
 class GatedCoordinator:
     """Holds every session's creation until ``gate`` opens."""
 
+    node = None
+    run_started = None
+
     def __init__(self) -> None:
         self.gate = trio.Event()
 
-    async def acquire(self, key: object) -> None:
+    async def acquire(self, session: object, on_conflict: object) -> None:
         await self.gate.wait()
 
-    def release(self, key: object) -> None:
+    def release(self, session: object) -> None:
         pass
 
 
@@ -426,11 +429,14 @@ async def test_observer_failure_is_logged_and_the_run_still_ends(
 
 
 class RefusingCoordinator:
-    async def acquire(self, key: object) -> None:
+    node = None
+    run_started = None
+
+    async def acquire(self, session: object, on_conflict: object) -> None:
         await trio.sleep(1)
         raise ConnectionError("coordinator unreachable")
 
-    def release(self, key: object) -> None:
+    def release(self, session: object) -> None:
         raise AssertionError("released a session it never granted")
 
 

@@ -186,10 +186,13 @@ async def test_a_session_that_fails_to_start_gives_its_slots_back(
     nursery: trio.Nursery, autojump_clock: trio.testing.MockClock
 ) -> None:
     class RefusingCoordinator:
-        async def acquire(self, key: object) -> None:
+        node = None
+        run_started = None
+
+        async def acquire(self, session: object, on_conflict: object) -> None:
             raise RuntimeError("no lease")
 
-        def release(self, key: object) -> None:
+        def release(self, session: object) -> None:
             pass
 
     manager = SessionManager(

@@ -1,0 +1,325 @@
+"""A node of a cluster: the coordination logic, written once above the
+:class:`~server.cluster.backend.ClusterBackend` seam (Redis for real nodes,
+memory for tests), plugged into the session manager as its coordinator.
+
+Acquire (a prompt for a session this node does not hold):
+
+1. ``acquire`` the lease. Got it: first end the session's *orphans* (a run
+   record still ``running`` under a smaller token: its owner died or was
+   paused past its lease) as ``interrupted/owner_lost``, then serve.
+2. Someone holds it. ``reject`` and the holder is busy: :class:`RunInProgress`,
+   nothing sent. Otherwise leave an intent in the holder's inbox
+   (interrupt → supersede, rollback → rollback, enqueue/reject → enqueue)
+   and wait for its reply in slices of at most a second, each bounded: DONE
+   carries the lease; NOT_OWNER, or a holder that changed or vanished,
+   means ask again from 1. There is no proceed-anyway timeout: a live
+   owner answers after its run's cleanup, a dead one's lease expires.
+3. If the prompt is given up after sending (its client went away), a
+   handover may still come: wait for the reply (shielded, bounded by the
+   cleanup budget) and release a lease it carries.
+
+The owner side (intents, renewal, the run mirror, release) is
+:class:`~server.cluster.owner.Owner`. Reads of runs and sessions for the
+HTTP edge, and stopping a run on another node, are here too.
+
+Errors: a backend that cannot be reached (or does not answer within
+``call_timeout``) makes a prompt fail with :class:`CoordinatorUnavailable`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import attrs
+import trio
+
+from ..core.errors import CoordinatorUnavailable, RunInProgress
+from ..core.run import Run
+from ..core.session import OnConflict, Session, SessionKey
+from .backend import (
+    BackendUnavailable,
+    ClusterBackend,
+    Holder,
+    Intent,
+    IntentKind,
+    Lease,
+    ReplyStatus,
+    SessionRef,
+)
+from .held import Calls, ClusterConfig, ClusterMetrics, new_node_id, ref_of
+from .owner import Owner
+from .records import orphan_ending
+
+logger = logging.getLogger(__name__)
+
+_INTENT_FOR = {
+    OnConflict.INTERRUPT: IntentKind.SUPERSEDE,
+    OnConflict.ROLLBACK: IntentKind.ROLLBACK,
+    OnConflict.ENQUEUE: IntentKind.ENQUEUE,
+    # The holder was idle when asked (else 409): take it once its run ends.
+    OnConflict.REJECT: IntentKind.ENQUEUE,
+}
+# A wait for a reply is cut into slices this long at most (then: is the
+# owner still there?).
+REPLY_SLICE = 1.0
+# Orphans looked for among the session's newest records.
+ORPHAN_SCAN = 5
+
+
+@attrs.define(eq=False)
+class ClusterCoordinator:
+    backend: ClusterBackend
+    config: ClusterConfig = attrs.field(factory=ClusterConfig)
+    node: str = attrs.field(factory=new_node_id)
+    metrics: ClusterMetrics = attrs.field(factory=ClusterMetrics)
+    owner: Owner = attrs.field(init=False)
+    calls: Calls = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.calls = Calls(self.backend, self.config, self.metrics)
+        self.owner = Owner(self.node, self.calls, self.config, self.metrics)
+
+    # --- the manager's seam (server.core.coordinator.Coordinator) ----------
+
+    @property
+    def run_started(self) -> Callable[[Session, Run], None]:
+        return self.owner.run_started
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The owner side's tasks (see :meth:`Owner.serve`)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.owner.serve)
+            task_status.started()
+
+    def release(self, session: Session) -> None:
+        self.owner.release(session)
+
+    async def run_recorded(self, run: Run) -> None:
+        """Until the run's record (and ``run.started``) is in the shared
+        state, at most ``call_timeout``: a client that learns the run's id
+        can then read it from any node."""
+        with trio.move_on_after(self.config.call_timeout):
+            await self.owner.wait_mirrored(run)
+
+    async def acquire(self, session: Session, on_conflict: OnConflict) -> None:
+        ref = ref_of(session.key)
+        try:
+            releasing = self.owner.releasing.get(ref)
+            if releasing is not None:  # our own release of it, on its way
+                with trio.move_on_after(self.config.call_timeout):
+                    await releasing.wait()
+            while True:
+                got = await self.calls(self.backend.acquire(ref, self.node, self.config.lease_ttl))
+                if isinstance(got, Lease):
+                    self.metrics.lease_acquisitions += 1
+                    lease = got
+                    break
+                if got.node == self.node and not self.owner.holds(ref, got.token):
+                    # Ours, but no session here uses it (a release that did
+                    # not get through): drop it (fenced by its token), ask again.
+                    await self.calls(
+                        self.backend.release(Lease(session=ref, node=self.node, token=got.token))
+                    )
+                    continue
+                if on_conflict is OnConflict.REJECT and got.busy:
+                    raise RunInProgress
+                handed = await self._ask_owner(ref, got, _INTENT_FOR[on_conflict])
+                if handed is not None:
+                    self.metrics.handovers_received += 1
+                    lease = handed
+                    break
+        except BackendUnavailable as exc:
+            raise CoordinatorUnavailable(str(exc)) from exc
+        self.owner.hold(session, lease)
+        granted = False
+        try:
+            await self._end_orphans(lease)
+            granted = True
+        except BackendUnavailable as exc:
+            raise CoordinatorUnavailable(str(exc)) from exc
+        finally:
+            if not granted:
+                # The manager does not release what it was never granted.
+                self.owner.release(session)
+
+    # --- acquiring --------------------------------------------------------
+
+    async def _ask_owner(self, ref: SessionRef, holder: Holder, kind: IntentKind) -> Lease | None:
+        reply_to = f"{self.node}:{uuid.uuid4().hex}"
+        intent = Intent(kind=kind, session=ref, from_node=self.node, reply_to=reply_to)
+        await self.calls(self.backend.send_intent(holder.node, intent))
+        self.metrics.cancels_sent += 1
+        asked_at = trio.current_time()
+        answered = False
+        try:
+            lease = await self._await_handover(ref, holder, reply_to)
+            answered = True
+            return lease
+        finally:
+            self.metrics.remote_wait(trio.current_time() - asked_at)
+            if not answered:
+                with trio.move_on_after(self.config.cleanup_budget, shield=True):
+                    await self._give_back_late_handover(ref, reply_to)
+
+    async def _await_handover(self, ref: SessionRef, holder: Holder, reply_to: str) -> Lease | None:
+        while True:
+            block = min(REPLY_SLICE, max(holder.expires_in, 0.0))
+            reply = await self.calls(self.backend.wait_reply(reply_to, block=block), block=block)
+            if reply is not None:
+                if reply.status is ReplyStatus.DONE and reply.token is not None:
+                    return Lease(session=ref, node=self.node, token=reply.token)
+                return None
+            now = await self.calls(self.backend.holder(ref))
+            if now is None:
+                return None  # the owner's lease expired: take it
+            if now.token != holder.token:
+                if now.node == self.node:  # handed to us; its reply is on its way
+                    return Lease(session=ref, node=self.node, token=now.token)
+                return None
+            holder = now
+
+    async def _give_back_late_handover(self, ref: SessionRef, reply_to: str) -> None:
+        try:
+            reply = await self.calls(
+                self.backend.wait_reply(reply_to, block=self.config.cleanup_budget),
+                block=self.config.cleanup_budget,
+            )
+            if reply is not None and reply.status is ReplyStatus.DONE and reply.token is not None:
+                await self.calls(
+                    self.backend.release(Lease(session=ref, node=self.node, token=reply.token))
+                )
+        except BackendUnavailable:
+            pass  # the lease expires by itself
+
+    async def _end_orphans(self, lease: Lease) -> None:
+        for record in await self.calls(self.backend.session_runs(lease.session, ORPHAN_SCAN)):
+            if record.get("status") != "running" or int(record.get("token", 0)) >= lease.token:
+                continue
+            terminal, ended = orphan_ending(record)
+            if await self.calls(self.backend.end_orphan(lease, record["run_id"], terminal, ended)):
+                self.metrics.orphans_ended += 1
+                logger.info(
+                    "orphan_ended trace=%s owner=%s reason=owner_lost",
+                    record["run_id"],
+                    record.get("node"),
+                )
+
+    # --- reads and stops from any node --------------------------------------
+
+    def leases(self) -> dict[SessionKey, tuple[str, int]]:
+        """Sessions this node holds: its node id and each lease's token."""
+        return {
+            SessionKey(ref.principal, ref.session_id): (held.lease.node, held.lease.token)
+            for ref, held in self.owner.held.items()
+        }
+
+    async def run_record(self, principal: str, run_id: str) -> dict[str, Any] | None:
+        """A run's record from the shared state; another principal's is None.
+        A record still ``running`` whose owner no longer holds the session
+        is an orphan: it is ended (``owner_lost``) before it is answered."""
+        try:
+            record = await self._record(principal, run_id)
+            if record is None or record.get("status") != "running":
+                return record
+            ref = SessionRef(principal=principal, session_id=record["session_id"])
+            holder = await self.calls(self.backend.holder(ref))
+            if holder is not None and holder.token == record.get("token"):
+                return record
+            await self._settle_orphans(ref)
+            return await self._record(principal, run_id)
+        except BackendUnavailable as exc:
+            raise CoordinatorUnavailable(str(exc)) from exc
+
+    async def _record(self, principal: str, run_id: str) -> dict[str, Any] | None:
+        record = await self.calls(self.backend.run_record(run_id))
+        return record if record is not None and record.get("principal") == principal else None
+
+    async def session_runs(
+        self, principal: str, session_id: str, limit: int
+    ) -> list[dict[str, Any]]:
+        ref = SessionRef(principal=principal, session_id=session_id)
+        try:
+            return await self.calls(self.backend.session_runs(ref, limit))
+        except BackendUnavailable as exc:
+            raise CoordinatorUnavailable(str(exc)) from exc
+
+    async def read_events(self, run_id: str, after: int, *, block: float) -> list[dict[str, Any]]:
+        """One bounded read of a run's events after ``after`` (maybe none)."""
+        try:
+            return await self.calls(
+                self.backend.run_events(run_id, after, block=block), block=block
+            )
+        except BackendUnavailable as exc:
+            raise CoordinatorUnavailable(str(exc)) from exc
+
+    async def follow_events(
+        self, run_id: str, after: int, *, block: float = REPLY_SLICE
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        """A run's events after ``after`` in batches, live to its terminal
+        event (check the record's principal first). Each read is bounded;
+        a batch is yielded outside any cancel scope."""
+        while True:
+            batch = await self.read_events(run_id, after, block=block)
+            if batch:
+                after = int(batch[-1]["seq"])
+                yield batch
+                if batch[-1].get("type") in _TERMINAL_TYPES:
+                    return
+
+    async def stop_run(self, principal: str, run_id: str) -> dict[str, Any] | None:
+        """Stop a run that lives on another node (reason ``client_stop``)
+        and answer its record once ended; None: no such run for this
+        principal. A dead owner is waited out (its lease expires), then the
+        orphan is ended ``owner_lost``."""
+        try:
+            record = await self._record(principal, run_id)
+            if record is None or record.get("status") != "running":
+                return record
+            ref = SessionRef(principal=principal, session_id=record["session_id"])
+            reply_to = f"{self.node}:{uuid.uuid4().hex}"
+            intent = Intent(
+                kind=IntentKind.STOP,
+                session=ref,
+                from_node=self.node,
+                reply_to=reply_to,
+                run_id=run_id,
+            )
+            await self.calls(self.backend.send_intent(str(record["node"]), intent))
+            self.metrics.cancels_sent += 1
+            token = int(record["token"])
+            while True:
+                holder = await self.calls(self.backend.holder(ref))
+                if holder is None or holder.token != token:
+                    await self._settle_orphans(ref)
+                    break
+                block = min(REPLY_SLICE, max(holder.expires_in, 0.0))
+                reply = await self.calls(
+                    self.backend.wait_reply(reply_to, block=block), block=block
+                )
+                if reply is not None:
+                    break
+            return await self._record(principal, run_id)
+        except BackendUnavailable as exc:
+            raise CoordinatorUnavailable(str(exc)) from exc
+
+    async def _settle_orphans(self, ref: SessionRef) -> None:
+        """End the session's orphans if nobody holds it (whoever does ended
+        them when it took the lease)."""
+        got = await self.calls(self.backend.acquire(ref, self.node, self.config.lease_ttl))
+        if isinstance(got, Lease):
+            try:
+                await self._end_orphans(got)
+            finally:
+                # A release that fails leaves a lease that expires by itself.
+                with (
+                    trio.move_on_after(self.config.call_timeout, shield=True),
+                    contextlib.suppress(BackendUnavailable),
+                ):
+                    await self.calls(self.backend.release(got))
+
+
+_TERMINAL_TYPES = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})

@@ -1,0 +1,55 @@
+"""--redis-url and --lease-ttl, and a node's start-up when Redis is away."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from server.cli import parse_settings
+from server.cluster import setup
+from server.cluster.memory import MemoryBackend
+from server.settings import Settings
+from server.startup import app_error
+
+
+def test_redis_url_and_lease_ttl_from_flags_and_environment() -> None:
+    assert parse_settings([], {}).redis_url is None
+    assert parse_settings([], {}).lease_ttl == 10.0
+    settings = parse_settings(
+        ["--lease-ttl", "4"], {"STREAM_SERVER_REDIS_URL": "redis://127.0.0.1:6390/0"}
+    )
+    assert (settings.redis_url, settings.lease_ttl) == ("redis://127.0.0.1:6390/0", 4.0)
+
+
+def test_lease_ttl_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(["--lease-ttl", "0"], {})
+    assert exit_info.value.code == 2
+
+
+async def test_unreachable_redis_at_start_is_one_line(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = MemoryBackend(available=False)
+    monkeypatch.setattr(setup, "redis_backend", lambda settings: backend)
+    settings = Settings(redis_url="redis://127.0.0.1:1/0")
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(setup.ClusterUnreachable) as raised:
+            await setup.open_cluster(settings, nursery)
+    error = app_error(raised.value)
+    assert error is not None
+    assert str(error) == "cluster: cannot reach Redis at redis://127.0.0.1:1/0; check --redis-url"
+
+
+async def test_a_node_opens_with_a_reachable_backend(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = MemoryBackend()
+    monkeypatch.setattr(setup, "redis_backend", lambda settings: backend)
+    async with trio.open_nursery() as nursery:
+        coordinator, hosted = await setup.open_cluster(
+            Settings(redis_url="redis://x/0", lease_ttl=3), nursery
+        )
+        assert coordinator.config.lease_ttl == 3
+        hosted.stop()
