@@ -1,2 +1,51 @@
 """Shared test set-up. pytest-trio runs in trio_mode; pytest-timeout (see
-pyproject) is the hang guard for every test."""
+pyproject) is the hang guard for every test.
+
+Test files run in parallel (pytest-xdist) unless asked otherwise: `python -m
+pytest` with no ``-n`` gets :func:`default_workers` workers and
+``--dist loadfile``, so a file's tests stay on one worker and a module- or
+session-scoped fixture (a shared server) is set up once per worker, never
+shared between processes. Files must not depend on each other; tests that
+share a server use unique session ids. Serial, for debugging: ``-n0`` or
+``-p no:xdist``; ``--pdb`` and ``-s`` (whose output xdist would swallow)
+run serially too, and so does a single test file (it would go to one
+worker anyway, after every worker paid its start-up). This lives here
+rather than in ``addopts`` so that ``-p no:xdist`` keeps working (an ``-n``
+in addopts would then be an unknown option).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Two per core: most of the suite's wall time is spent waiting on real
+# server processes (token pacing, drains, the browser), not on the CPU.
+WORKERS_PER_CORE = 2
+MAX_WORKERS = 8
+
+
+def default_workers() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_WORKERS, WORKERS_PER_CORE * (cores or 1)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Turn on distribution by file, before xdist reads its options."""
+    if not config.pluginmanager.has_plugin("xdist") or hasattr(config, "workerinput"):
+        return
+    option = config.option
+    asked_serial = option.usepdb or option.capture == "no" or option.collectonly
+    if option.numprocesses is None and option.dist == "no" and not asked_serial:
+        if one_file(config.args):
+            return
+        option.numprocesses = default_workers()
+        option.dist = "loadfile"
+
+
+def one_file(args: list[str]) -> bool:
+    """Whether the command line names tests of a single file only."""
+    files = {arg.split("::")[0] for arg in args}
+    return len(files) == 1 and next(iter(files)).endswith(".py")
