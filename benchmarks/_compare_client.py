@@ -36,7 +36,8 @@ class Settings:
     # K, from the moment half the streams answer.
     profile_seconds: float
     hang_timeout: float  # a request without [DONE] by then is a hang
-    seed_timeout: float  # per request of a seed scenario, and per wait in one
+    seed_timeout: float  # per request of a seed scenario
+    seed_wait: float  # per wait inside a seed scenario (first content, upstream closed)
     settle_timeout: float  # wait for live runs to reach 0 before a reading
     settle_pause: float  # then this long before the reading
     servers_at_once: bool  # measure the servers side by side instead of in turn
@@ -66,6 +67,7 @@ SCALES: dict[str, dict[str, Any]] = {
         profile_seconds=3.0,
         hang_timeout=30.0,
         seed_timeout=10.0,
+        seed_wait=5.0,
         settle_timeout=5.0,
         settle_pause=0.5,
         servers_at_once=False,
@@ -84,6 +86,7 @@ SCALES: dict[str, dict[str, Any]] = {
         profile_seconds=3.0,
         hang_timeout=5.0,
         seed_timeout=5.0,
+        seed_wait=5.0,
         settle_timeout=5.0,
         settle_pause=0.5,
         servers_at_once=False,
@@ -102,6 +105,7 @@ SCALES: dict[str, dict[str, Any]] = {
         profile_seconds=0.5,
         hang_timeout=1.0,
         seed_timeout=1.0,
+        seed_wait=1.0,
         settle_timeout=0.5,
         settle_pause=0.1,
         servers_at_once=True,

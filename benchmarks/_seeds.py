@@ -30,11 +30,11 @@ async def seed_stop(ctx: Context) -> str | None:
     )
     if s.first_content_at is None:
         return f"no content: {describe(s)}"
-    with trio.move_on_after(ctx.settings.seed_timeout):
+    with trio.move_on_after(ctx.settings.seed_wait):
         record = await ctx.fake.wait_for_request(lambda r: r.session == session)
         await ctx.fake.wait_ended(record)
         return None
-    return f"upstream stream still open {ctx.settings.seed_timeout} s after the client left"
+    return f"upstream stream still open {ctx.settings.seed_wait} s after the client left"
 
 
 async def seed_supersede(ctx: Context) -> str | None:
@@ -43,7 +43,7 @@ async def seed_supersede(ctx: Context) -> str | None:
     a, b, first = Stream(), Stream(), trio.Event()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(partial(run, "A @tokens=200 @delay=0.02", result=a, first_content=first))
-        with trio.move_on_after(ctx.settings.seed_timeout):
+        with trio.move_on_after(ctx.settings.seed_wait):
             await first.wait()
         await run("B @tokens=5 @delay=0", result=b)
     ok = a.done and a.finish_reason not in (None, "stop") and b.done and b.finish_reason == "stop"
@@ -97,7 +97,7 @@ async def seed_multi(ctx: Context) -> str | None:
                 first_content=first,
             )
         )
-        with trio.move_on_after(ctx.settings.seed_timeout):
+        with trio.move_on_after(ctx.settings.seed_wait):
             await first.wait()
         await stream(
             ctx.client, one, "B @tokens=5 @delay=0", within=ctx.settings.seed_timeout, result=b

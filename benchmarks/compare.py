@@ -2,8 +2,9 @@
 
 For each server (ours, ``asyncio_registry``, ``asyncio_taskgroup``) a fake
 OpenAI-compatible upstream runs in this process (trio, loopback), and for
-each scenario a fresh server subprocess is started against it on loopback,
-driven over real HTTP, and stopped. Scenarios:
+each scenario a fresh server subprocess is started against it on loopback
+(``--smoke``: one for all of them), driven over real HTTP, and stopped.
+Scenarios:
 
 1. ``supersede_streaming`` / ``supersede_stalled``: on a fresh session send
    prompt A, 100 ms later prompt B; time from sending B to B's first content
