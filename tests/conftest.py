@@ -20,8 +20,10 @@ import os
 
 import pytest
 
-# Two per core: most of the suite's wall time is spent waiting on real
-# server processes (token pacing, drains, the browser), not on the CPU.
+# Two per core: about half of the suite's wall time is spent waiting on real
+# server processes (token pacing, drains, the browser), not on the CPU. More
+# is not free: each worker collects the whole suite (~5 s of CPU) and brings
+# its own shared servers.
 WORKERS_PER_CORE = 2
 MAX_WORKERS = 8
 
@@ -37,7 +39,8 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     if not config.pluginmanager.has_plugin("xdist") or hasattr(config, "workerinput"):
         return
     option = config.option
-    asked_serial = option.usepdb or option.capture == "no" or option.collectonly
+    listing = option.collectonly or option.showfixtures or option.show_fixtures_per_test
+    asked_serial = option.usepdb or option.capture == "no" or listing
     if option.numprocesses is None and option.dist == "no" and not asked_serial:
         if one_file(config.args):
             return
