@@ -6,7 +6,10 @@ pytest` with no ``-n`` gets :func:`default_workers` workers and
 ``--dist loadfile``, so a file's tests stay on one worker and a module- or
 session-scoped fixture (a shared server) is set up once per worker, never
 shared between processes. Files must not depend on each other; tests that
-share a server use unique session ids. Serial, for debugging: ``-n0`` or
+share a server use unique session ids. Files that start real processes
+(marker ``integration``) are handed out first, most tests first, so the
+long ones start early and the short in-process files fill the end.
+Serial, for debugging: ``-n0`` or
 ``-p no:xdist``; ``--pdb`` and ``-s`` (whose output xdist would swallow)
 run serially too, and so does a single test file (it would go to one
 worker anyway, after every worker paid its start-up). This lives here
@@ -17,6 +20,7 @@ in addopts would then be an unknown option).
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 
@@ -46,6 +50,19 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
             return
         option.numprocesses = default_workers()
         option.dist = "loadfile"
+        # Keep the order pytest_collection_modifyitems gives the workers.
+        option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a parallel worker: files with real processes first, then by
+    number of tests (stable, so a file's tests keep their order). Every
+    worker sorts the same collection the same way, as xdist requires."""
+    if not hasattr(config, "workerinput"):
+        return
+    per_file = Counter(item.path for item in items)
+    real = {item.path for item in items if item.get_closest_marker("integration")}
+    items.sort(key=lambda item: (item.path not in real, -per_file[item.path]))
 
 
 def one_file(args: list[str]) -> bool:
