@@ -1,20 +1,21 @@
 """Shared test set-up. pytest-trio runs in trio_mode; pytest-timeout (see
 pyproject) is the hang guard for every test.
 
-Test files run in parallel (pytest-xdist) unless asked otherwise: `python -m
-pytest` with no ``-n`` gets :func:`default_workers` workers and
+Test files run in parallel (pytest-xdist) unless asked otherwise: ``python
+-m pytest`` with no ``-n`` gets :func:`default_workers` workers and
 ``--dist loadfile``, so a file's tests stay on one worker and a module- or
 session-scoped fixture (a shared server) is set up once per worker, never
 shared between processes. Files must not depend on each other; tests that
 share a server use unique session ids. Files that start real processes
 (marker ``integration``) are handed out first, most tests first, so the
 long ones start early and the short in-process files fill the end.
-Serial, for debugging: ``-n0`` or
-``-p no:xdist``; ``--pdb`` and ``-s`` (whose output xdist would swallow)
-run serially too, and so does a single test file (it would go to one
-worker anyway, after every worker paid its start-up). This lives here
-rather than in ``addopts`` so that ``-p no:xdist`` keeps working (an ``-n``
-in addopts would then be an unknown option).
+
+Serial, for debugging: ``-n0`` or ``-p no:xdist``. ``--pdb``, ``-s`` (whose
+output xdist would swallow), listing (``--co``, ``--fixtures``) and a
+single test file (it would go to one worker anyway, after every worker paid
+its start-up) run serially by themselves. This lives here rather than in
+``addopts`` so that ``-p no:xdist`` keeps working (an ``-n`` in addopts
+would then be an unknown option).
 """
 
 from __future__ import annotations
