@@ -187,7 +187,7 @@ def profiles(results: dict[str, Any], ks: list[int]) -> list[str]:
     return lines
 
 
-def generated_section(document: dict[str, Any], table: str, ks: list[int], *, quick: bool) -> str:
+def generated_section(document: dict[str, Any], table: str, ks: list[int], *, scale: str) -> str:
     env, pkgs = document["machine"], document["versions"]
     lines = [
         BEGIN,
@@ -201,8 +201,10 @@ def generated_section(document: dict[str, Any], table: str, ks: list[int], *, qu
         "Versions: " + ", ".join(f"{name} {version}" for name, version in pkgs.items()) + ".",
         "",
     ]
-    if quick:
+    if scale == "quick":
         lines += ["**Quick run** (small trial counts): orientation only.", ""]
+    elif scale == "smoke":
+        lines += ["**Smoke run** (one tiny case each): checks the harness, measures nothing.", ""]
     lines += [table, "", "### Targets for trio-stream-server", ""]
     lines += ["| target | figure | |", "| --- | --- | --- |"]
     lines += [f"| {t} | {figure} | {v} |" for t, figure, v in targets(document["results"], ks)]

@@ -29,7 +29,7 @@ from typing import Any
 import httpx2
 import trio
 
-from tests.integration.harness import ServerProcess, running_server
+from tests.integration.harness import ServerProcess, loopback_client, running_server
 from tests.integration.wire import CHAT_PATH, auth
 
 ADMIN_KEY = "fault-admin"
@@ -69,7 +69,7 @@ def ndjson_headers(session_id: str | None = None) -> dict[str, str]:
 
 
 async def debug_tasks(server: ServerProcess) -> dict[str, Any]:
-    async with httpx2.AsyncClient(base_url=server.url, timeout=10.0) as client:
+    async with loopback_client(server.url, timeout=10.0) as client:
         # Connection: close, so the probe's own connection leaves the task
         # tree as soon as it is answered.
         response = await client.get(
@@ -136,7 +136,7 @@ async def native_events(
 
 
 async def assert_serves(server: ServerProcess, session_id: str = "fresh-after-fault") -> None:
-    async with httpx2.AsyncClient(base_url=server.url, timeout=30.0) as client:
+    async with loopback_client(server.url) as client:
         status, events = await native_events(client, "tokens=3 hello", session_id=session_id)
     assert status == 200, events
     assert [event["type"] for event in events][-1] == "run.completed", events

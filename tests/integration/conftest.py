@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Generator, Iterator
 import httpx2
 import pytest
 
-from .harness import FAST_REPLY, ServerProcess, running_server
+from .harness import FAST_REPLY, ServerProcess, loopback_client, running_server
 
 LOG_LINES_ON_FAILURE = 200
 
@@ -29,7 +29,7 @@ def server() -> Iterator[ServerProcess]:
 
 @pytest.fixture
 async def client(server: ServerProcess) -> AsyncIterator[httpx2.AsyncClient]:
-    async with httpx2.AsyncClient(base_url=server.url, timeout=30.0) as http:
+    async with loopback_client(server.url) as http:
         yield http
 
 

@@ -9,6 +9,10 @@ did. Use :func:`running_server` so ``stop`` always runs.
 Waiting: synchronous code (fixtures, openai tests) waits on a condition the
 reader thread notifies; async tests poll with ``trio.sleep`` under a deadline.
 Every wait has a generous timeout and fails with the log in the message.
+The reader thread parses each lifecycle line once, as it arrives, and a
+poll looks only at what arrived since the last one: a long-lived shared
+server's log costs a waiting test nothing per poll (the suite runs several
+test files at once on few cores).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import httpx2
 import trio
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +90,7 @@ class ServerProcess:
         self.args = args
         self.url = ""
         self._lines: list[str] = []
+        self._events: list[LifecycleEvent] = []
         self._changed = threading.Condition()
         self._eof = False
         env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_SERVER_")}
@@ -120,8 +126,12 @@ class ServerProcess:
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            event = parse_lifecycle(line)
             with self._changed:
-                self._lines.append(line.rstrip("\n"))
+                self._lines.append(line)
+                if event is not None:
+                    self._events.append(event)
                 self._changed.notify_all()
         with self._changed:
             self._eof = True
@@ -132,17 +142,27 @@ class ServerProcess:
         with self._changed:
             return list(self._lines)
 
+    def lines_since(self, index: int) -> list[str]:
+        with self._changed:
+            return self._lines[index:]
+
     def log_text(self, since: int = 0, *, last: int | None = None) -> str:
-        lines = self.lines[since:]
+        lines = self.lines_since(since)
         return "\n".join(lines[-last:] if last else lines)
 
     def lifecycle(self) -> list[LifecycleEvent]:
         """The lifecycle events so far, in the order the server logged them."""
-        return [event for line in self.lines if (event := parse_lifecycle(line)) is not None]
+        with self._changed:
+            return list(self._events)
 
     def index_of(self, name: str, **fields: str) -> int | None:
         """Position of the first matching lifecycle event, if logged yet."""
-        for index, event in enumerate(self.lifecycle()):
+        return self._index_of(name, fields, start=0)
+
+    def _index_of(self, name: str, fields: dict[str, str], start: int) -> int | None:
+        with self._changed:
+            events = self._events[start:]
+        for index, event in enumerate(events, start):
             if event.matches(name, **fields):
                 return index
         return None
@@ -174,16 +194,30 @@ class ServerProcess:
     async def wait_for(self, name: str, **fields: str) -> int:
         """Wait (up to ``LOG_TIMEOUT``) until a matching lifecycle event is
         logged; its index in :meth:`lifecycle`."""
+        checked = 0
+
+        def probe() -> int | None:
+            nonlocal checked
+            with self._changed:
+                start, checked = checked, len(self._events)
+            return self._index_of(name, fields, start)
+
         with self.deadline(LOG_TIMEOUT, f"lifecycle event {name} {fields}"):
-            return await poll_until(lambda: self.index_of(name, **fields))
+            return await poll_until(probe)
 
     async def wait_for_line(self, pattern: str) -> str:
         """Wait (up to ``LOG_TIMEOUT``) for a log line matching ``pattern``."""
         regex = re.compile(pattern)
+        checked = 0
+
+        def probe() -> str | None:
+            nonlocal checked
+            lines = self.lines_since(checked)
+            checked += len(lines)
+            return next((line for line in lines if regex.search(line)), None)
+
         with self.deadline(LOG_TIMEOUT, f"a log line matching {pattern!r}"):
-            return await poll_until(
-                lambda: next((line for line in self.lines if regex.search(line)), None)
-            )
+            return await poll_until(probe)
 
     @contextmanager
     def deadline(self, seconds: float, what: str) -> Iterator[None]:
@@ -238,6 +272,18 @@ def running_server(
         yield server
     finally:
         server.stop()
+
+
+def loopback_client(url: str, timeout: float = 30.0) -> httpx2.AsyncClient:
+    """An HTTP client for a test server's ``http://127.0.0.1:...`` url.
+
+    No TLS is ever negotiated there, so ``verify=False`` changes nothing but
+    the client's set-up: it spares loading the CA bundle, ~25 ms of CPU per
+    client, which a polling loop (faults' ``settle``) pays many times over
+    while parallel test files compete for the cores."""
+    if not url.startswith("http://"):
+        raise ValueError(f"not a plain-HTTP test server url: {url}")
+    return httpx2.AsyncClient(base_url=url, timeout=timeout, verify=False)
 
 
 async def poll_until(probe: Callable[[], T | None]) -> T:
