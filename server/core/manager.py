@@ -206,6 +206,11 @@ class SessionManager:
             # learn its id. Still in line meanwhile, so the session is busy
             # and the next prompt waits its turn.
             await run.wait_started()
+            if not run.log:
+                # An engine failure before run.started ended the session
+                # (logged there); the client may retry.
+                self.runs.discard(run)
+                raise SessionClosed
             if self.coordinator.node is not None:
                 await self.coordinator.run_recorded(run)
         finally:

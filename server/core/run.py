@@ -291,23 +291,27 @@ class Run:
             logger.exception("run %s: engine failure", self.run_id)
             self.lifecycle.fail(INTERNAL_ERROR)
         finally:
-            if self.lifecycle.cut_short:
-                # Cancelled from outside (the session or manager shut down)
-                # without an explicit reason: that is a shutdown.
-                self.lifecycle.cancel(CancelReason.SHUTDOWN)
-                lifecycle_event("stream_cancelled", trace=self.run_id, reason="shutdown")
-            result = self._decide()
-            with trio.move_on_after(budget, shield=True) as cleanup:
-                await self._tell_observer(self.observer.run_ended(self, result))
-            if cleanup.cancelled_caught:
-                logger.warning("cleanup_budget_exceeded trace=%s budget_s=%s", self.run_id, budget)
-                # The record may not say how the run ended: tell its readers.
-                self.error_details = ObserverError().error_info
             try:
+                if self.lifecycle.cut_short:
+                    # Cancelled from outside (the session or manager shut
+                    # down) without an explicit reason: that is a shutdown.
+                    self.lifecycle.cancel(CancelReason.SHUTDOWN)
+                    lifecycle_event("stream_cancelled", trace=self.run_id, reason="shutdown")
+                result = self._decide()
+                with trio.move_on_after(budget, shield=True) as cleanup:
+                    await self._tell_observer(self.observer.run_ended(self, result))
+                if cleanup.cancelled_caught:
+                    logger.warning(
+                        "cleanup_budget_exceeded trace=%s budget_s=%s", self.run_id, budget
+                    )
+                    # The record may not say how the run ended: tell its readers.
+                    self.error_details = ObserverError().error_info
                 self._end()
             finally:
-                # Whatever happened above, waiters (the next submit, a drain)
-                # must not wait forever.
+                # Whatever happened above (an engine bug included: it ends
+                # the session), waiters (the submitter, the next submit, a
+                # drain) must not wait forever.
+                self._started.set()
                 self._ended.set()
                 self.on_ended(self)
 

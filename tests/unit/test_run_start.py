@@ -4,11 +4,13 @@ by its session from its first step, whatever becomes of the submitter."""
 
 from __future__ import annotations
 
+import pytest
 import trio
 import trio.testing
 
 from server.agents.scripted import ScriptedAgent
 from server.core import AgentRequest, CancelReason, EngineConfig, SessionManager
+from server.core.errors import SessionClosed
 from server.core.events import RunStarted, RunStatus
 from server.core.result import RunResult
 from server.core.run import Run
@@ -94,3 +96,30 @@ async def test_a_submitter_that_leaves_while_the_start_is_recorded_leaves_the_ru
     await run.wait_ended()
     assert run.status is RunStatus.COMPLETED
     assert_well_formed(run.log.events)
+
+
+async def test_an_engine_failure_before_run_started_strands_no_waiter(
+    nursery: trio.Nursery,
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine bug while the run is still pending (publishing run.started
+    fails) ends that session, and neither its submitter nor the next
+    submission on the same session id waits forever."""
+    store = SlowStore()
+    manager = await open_manager(nursery, store)
+
+    def broken(self: Run) -> None:
+        raise RuntimeError("engine bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Run, "_publish_started", broken)
+        # The session failed under its submitter, which may retry.
+        with trio.fail_after(30), pytest.raises(SessionClosed):
+            await manager.submit(PRINCIPAL, "s1", AgentRequest(prompt="hello"))
+        await trio.testing.wait_all_tasks_blocked()  # the session is dropped
+    assert manager.find_session(PRINCIPAL, "s1") is None
+    with trio.fail_after(30):
+        run = await manager.submit(PRINCIPAL, "s1", AgentRequest(prompt="again"))
+        await run.wait_ended()
+    assert run.status is RunStatus.COMPLETED
