@@ -183,6 +183,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--connect-timeout", float, defaults.connect_timeout, "upstream agents: connect timeout")
     option("--thread-limit", int, defaults.thread_limit, "blocking agents: worker threads at once")
+    option(
+        "--redis-url",
+        str,
+        defaults.redis_url,
+        "redis://host:port/db: make this process a node of a cluster",
+    )
     env_keys = [key for key in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if key.strip()]
     parser.add_argument(
         "--api-key",
@@ -246,6 +252,7 @@ def parse_settings(
             upstream_timeout=args.upstream_timeout,
             connect_timeout=args.connect_timeout,
             thread_limit=args.thread_limit,
+            redis_url=args.redis_url,
         )
         check_agent_settings(settings)
     except (AgentConfigError, ValueError) as exc:
