@@ -14,6 +14,9 @@ One handler on the root logger, writing to stderr, in one of two formats:
   ``status``, ``duration_ms``, ``bytes``, ``user_agent`` (never request
   headers or the environment, which Hypercorn's access atoms also carry).
 
+A ``--workers`` worker (:mod:`server.supervisor`) adds its index to every
+line: ``worker=<i>`` after the level in text, a ``worker`` field in JSON.
+
 Hypercorn's ``hypercorn.access`` and ``hypercorn.error`` loggers are given no
 handler of their own and propagate to the root, so they share this
 configuration (see :func:`server.launcher.hypercorn_config`).

@@ -273,10 +273,12 @@ class Supervisor:
                 log_event(logger, "worker_killed", logging.ERROR, worker=slot.index)
                 process.kill()
         finally:
-            await _reap(process)
+            # On every way out (a bug, cancellation): no worker outlives its task.
+            with trio.move_on_after(KILL_WAIT, shield=True):
+                await _reap(process)
             slot.process = None
-        status = process.returncode
-        assert status is not None
+        # None only if the killed process was not reaped within KILL_WAIT.
+        status = -signal.SIGKILL if process.returncode is None else process.returncode
         log_event(logger, "worker_exited", worker=slot.index, pid=process.pid, status=status)
         return status
 
@@ -309,14 +311,12 @@ class Supervisor:
 
 
 async def _reap(process: trio.Process) -> None:
-    """Kill ``process`` unless it has exited, and wait for it: shielded (it
-    runs on the way out) and bounded (SIGKILL cannot be ignored, but a
-    process in uninterruptible sleep can take a while)."""
+    """Kill ``process`` unless it has exited, and wait for it (the caller
+    bounds the wait: SIGKILL cannot be ignored, but a process in
+    uninterruptible sleep can take a while to go)."""
     if process.returncode is None and process.poll() is None:
         process.kill()
-    with trio.CancelScope(shield=True) as scope:
-        scope.deadline = trio.current_time() + KILL_WAIT
-        await process.wait()
+    await process.wait()
 
 
 async def supervise(settings: Settings, args: Sequence[str]) -> int:
