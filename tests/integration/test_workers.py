@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -100,6 +101,19 @@ async def served_by_each(server: ServerProcess) -> None:
             assert await served_by(server) == index, server.log_text()
 
 
+async def listened(server: ServerProcess, index: int, *, times: int) -> None:
+    """Wait until worker ``index`` has listened ``times`` times (restarts included)."""
+    needle = f" worker={index} server.launcher worker_listening "
+    with server.deadline(EXIT_TIMEOUT, f"worker {index} to listen ({times} times)"):
+        await poll_until(lambda: sum(needle in line for line in server.lines) >= times or None)
+
+
+def line_index(server: ServerProcess, text: str) -> int:
+    found = [i for i, line in enumerate(server.lines) if text in line]
+    assert found, f"no log line with {text!r}:\n{server.log_text()}"
+    return found[0]
+
+
 def test_more_than_one_worker_needs_a_redis_url() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_SERVER_")}
     for args, extra_env in [
@@ -137,8 +151,18 @@ async def test_two_workers_serve_one_port_each_with_its_own_data_dir(redis_url: 
         assert not (Path(server.data_dir) / "runs.sqlite3").exists()
 
 
-async def test_sigterm_mid_stream_drains_every_worker(redis_url: str) -> None:
-    args = (*ENDLESS_REPLY, "--drain-timeout", "0.5", "--redis-url", redis_url)
+@pytest.mark.parametrize(
+    ("drain_timeout", "again"),
+    [("0.5", None), ("60", signal.SIGINT)],
+    ids=["drained", "hurried-by-a-second-signal"],
+)
+async def test_sigterm_mid_stream_drains_every_worker(
+    redis_url: str, drain_timeout: str, again: signal.Signals | None
+) -> None:
+    """SIGTERM to the supervisor drains each worker; a second signal (here
+    with a drain far longer than the test) reaches each worker too and
+    interrupts its runs at once."""
+    args = (*ENDLESS_REPLY, "--drain-timeout", drain_timeout, "--redis-url", redis_url)
     with running_server("--workers", "2", *args) as server:
         pids = worker_pids(server)
         async with (
@@ -154,6 +178,10 @@ async def test_sigterm_mid_stream_drains_every_worker(redis_url: str) -> None:
                     with frozen(pids[1 - index]):
                         await nursery.start(chat.run)
                 server.send_signal(signal.SIGTERM)
+                if again is not None:
+                    for index in chats:
+                        await server.wait_for_line(rf" worker={index} server\.launcher draining ")
+                    server.send_signal(again)
         streams: dict[int, ChatStream] = {index: chat.stream for index, chat in chats.items()}
         assert await server.wait_exit() == 0, server.log_text()
         assert server.data_dir is not None
@@ -167,6 +195,8 @@ async def test_sigterm_mid_stream_drains_every_worker(redis_url: str) -> None:
                 line for line in server.lines if f"worker={index} server.launcher drained" in line
             ]
             assert len(drained) == 1, server.log_text()
+            skipped = f"worker={index} server.launcher drain_skipped"
+            assert any(skipped in line for line in server.lines) == (again is not None)
         assert "Traceback" not in server.log_text()
 
 
@@ -178,20 +208,25 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(redis_url
         # Worker 1 serves while worker 0 restarts.
         assert await served_by(server) == 1
         await server.wait_for_line(r" server\.supervisor worker_restarting worker=0 ")
-        with server.deadline(EXIT_TIMEOUT, "worker 0 to listen again"):
-            await poll_until(
-                lambda: (
-                    sum(
-                        " worker=0 server.launcher worker_listening " in line
-                        for line in server.lines
-                    )
-                    == 2
-                    or None
-                )
-            )
+        await listened(server, 0, times=2)
         assert worker_pids(server)[0] != killed
         await served_by_each(server)
         assert server.stop() == 0, server.log_text()
+
+
+async def test_a_worker_that_keeps_dying_makes_the_supervisor_give_up(redis_url: str) -> None:
+    """The 6th exit of one worker within a minute: the supervisor stops the
+    other one (it drains, as on SIGTERM) and exits 1."""
+    with running_server("--workers", "2", "--redis-url", redis_url) as server:
+        for attempt in range(1, 7):
+            await listened(server, 0, times=attempt)
+            os.kill(worker_pids(server)[0], signal.SIGKILL)
+        assert await server.wait_exit() == 1, server.log_text()
+        giving_up = line_index(server, "workers_giving_up worker=0")
+        assert giving_up < line_index(server, "worker=1 server.launcher shutdown_requested")
+        after = server.log_text(since=giving_up)
+        assert re.search(r"worker_exited worker=1 pid=\d+ status=0", after), after
+        assert "workers_stopped status=1" in after
 
 
 async def test_the_workers_exit_when_the_supervisor_is_killed(redis_url: str) -> None:
@@ -210,3 +245,50 @@ async def test_the_workers_exit_when_the_supervisor_is_killed(redis_url: str) ->
                     os.kill(pid, signal.SIGKILL)
         for index in pids:
             await server.wait_for_line(rf" worker={index} server\.launcher supervisor_gone")
+
+
+def test_a_port_in_use_is_one_line_from_the_supervisor(redis_url: str, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = start(
+            "--workers", "2", "--redis-url", redis_url, "--port", port, "--data-dir", str(tmp_path)
+        )
+    assert result.returncode == 2, result.stderr
+    # The dev key's warning, then the error; no worker was started.
+    assert result.stderr.splitlines()[1:] == [
+        f"trio-stream-server: error: cannot listen on 127.0.0.1:{port}: the address is already "
+        "in use; choose another --port (or stop what listens there)"
+    ]
+
+
+def test_a_worker_start_up_error_ends_the_supervisor_with_status_2(
+    redis_url: str, tmp_path: Path
+) -> None:
+    agent = "tests.integration.test_startup_errors:broken_agent"
+    result = start(
+        "--workers", "2", "--redis-url", redis_url, "--port", "0", "--data-dir", str(tmp_path),
+        "--agent", agent,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error: agent:" in line]
+    assert errors and all("the agent needs a model file" in line for line in errors)
+    assert "workers_stopped status=2" in result.stderr
+    assert "listening url=" not in result.stderr and "Traceback" not in result.stderr
+    assert "worker_restarting" not in result.stderr
+
+
+def start(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m server`` with ``args``, expected to exit by itself."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAM_SERVER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", *args],
+        cwd=REPO_ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=EXIT_TIMEOUT,
+        check=False,
+    )
