@@ -21,13 +21,17 @@ own with ``SO_REUSEPORT``:
 * the port stays bound while a worker restarts: nothing else can take it.
 The cost: every worker is woken for each new connection and one wins the
 ``accept`` (a thundering herd, negligible for N near the number of cores).
+Not Hypercorn's own ``-w N`` either: its workers would run Hypercorn's
+``serve``, not :func:`server.launcher.serve` (the drain inside the shutdown
+trigger, start-up errors as one line, traced connections).
 
 Signals: SIGTERM, SIGINT and SIGHUP to the parent are forwarded to every
 worker, a second one too (each worker then skips the rest of its drain, as
 :mod:`server.shutdown` describes). Workers run in their own process group,
 so a terminal's Ctrl-C reaches them once, through the parent. A worker that
 is still starting gets the signals once it listens (its handlers are in
-place then). The parent exits 0 once every worker it stopped exited 0, and
+place then); one waiting to be restarted is not restarted. The parent
+exits 0 once every worker it stopped exited 0, and
 1 if one did not, or had to be killed after the stop bound
 (``--drain-timeout`` + ``--cleanup-budget`` + the launcher's flush time +
 :data:`STOP_SLACK`).
