@@ -195,6 +195,18 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     option("--connect-timeout", float, defaults.connect_timeout, "upstream agents: connect timeout")
     option("--thread-limit", int, defaults.thread_limit, "blocking agents: worker threads at once")
+    option(
+        "--workers",
+        int,
+        defaults.workers,
+        "node processes serving the port, each with its own drain; above 1 needs --redis-url",
+    )
+    option(
+        "--redis-url",
+        str,
+        defaults.redis_url,
+        "redis://host:port/db: make this process a node of a cluster",
+    )
     env_keys = [key for key in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if key.strip()]
     parser.add_argument(
         "--api-key",
@@ -260,10 +272,16 @@ def parse_settings(
             upstream_timeout=args.upstream_timeout,
             connect_timeout=args.connect_timeout,
             thread_limit=args.thread_limit,
+            workers=args.workers,
+            redis_url=args.redis_url,
         )
         check_agent_settings(settings)
     except (AgentConfigError, ValueError) as exc:
         parser.error(str(exc))
+    if settings.workers > 1 and not settings.redis_url:
+        parser.error(
+            f"--workers {settings.workers} needs --redis-url: workers share sessions through Redis"
+        )
     if settings.uses_dev_key and not settings.binds_loopback_only:
         parser.error(
             f"refusing to bind {settings.host} with the dev key '{DEV_KEY}': "
@@ -275,10 +293,15 @@ def parse_settings(
 def main(argv: Sequence[str] | None = None) -> None:
     """Exit status: 0 after a shutdown by signal (SIGINT, SIGTERM, SIGHUP),
     2 for a bad flag or a start-up error the operator can fix (one line on
-    stderr), 1 for anything else (a bug: its traceback)."""
+    stderr), 1 for anything else (a bug: its traceback; with ``--workers``,
+    a worker that failed: see :mod:`server.supervisor`)."""
     settings = parse_settings(argv)
-    configure_logging(settings.log_level, settings.log_format)
-    if settings.uses_dev_key:
+    from .handoff import Handoff
+
+    handoff = Handoff.from_environ(os.environ)
+    worker = None if handoff is None else handoff.index
+    configure_logging(settings.log_level, settings.log_format, worker=worker)
+    if settings.uses_dev_key and handoff is None:
         logger.warning(
             "no API key configured: accepting the dev key '%s' (loopback only); "
             "set --api-key or STREAM_SERVER_API_KEYS for anything else",
@@ -288,8 +311,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     from .shutdown import SHUTDOWN_SIGNALS
     from .startup import EXIT_STARTUP_ERROR, StartupError
 
+    status = 0
     try:
-        trio.run(partial(serve, settings))
+        if settings.workers > 1:
+            from .supervisor import supervise
+
+            args = sys.argv[1:] if argv is None else argv
+            status = trio.run(partial(supervise, settings, list(args)))
+        else:
+            trio.run(partial(serve, settings, handoff=handoff))
     except StartupError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         raise SystemExit(EXIT_STARTUP_ERROR) from None
@@ -297,3 +327,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     # that arrives while the interpreter exits must not change the exit status.
     for signum in SHUTDOWN_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    if status:
+        raise SystemExit(status)

@@ -37,6 +37,7 @@ from hypercorn.utils import wrap_app
 from .agents import AgentConfigError
 from .core.agent import Agent
 from .core.manager import SessionManager
+from .handoff import Handoff, shutdown_requested
 from .logs import log_event
 from .settings import Settings
 from .shutdown import shutdown_signals
@@ -78,7 +79,8 @@ def listening_sockets(config: HypercornConfig, settings: Settings) -> Sockets:
     the kernel breaks a connection whose client took no data for
     ``--send-timeout``, the same span after which the app drops a reader
     whose write is still pending (one notion of a slow reader, two places
-    that see it)."""
+    that see it). A worker's ``fd://`` binds (sockets its supervisor bound
+    and listens on) get the same options again, which changes nothing."""
     sockets = config.create_sockets()
     # Linux only; elsewhere a reader that reads nothing is bounded only by the
     # kernel's own retransmission limits.
@@ -96,9 +98,15 @@ async def serve(
     settings: Settings,
     *,
     agent: Agent | None = None,
+    handoff: Handoff | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until a shutdown signal (see :mod:`server.shutdown`), then drain.
+
+    ``handoff``: this process is a worker of ``--workers N``
+    (:mod:`server.handoff`): it serves the supervisor's sockets, logs
+    ``worker_listening`` (the supervisor logs ``listening``), tells the
+    supervisor once it listens and shuts down if the supervisor goes.
 
     Raises :class:`~server.startup.StartupError` for a start-up error the
     operator can fix; nothing is logged as ``listening`` then."""
@@ -112,13 +120,15 @@ async def serve(
         state = app_state(app)
 
         async def drain_on_signal() -> None:
-            await signals.requested.wait()
+            await shutdown_requested(signals, handoff)
             if state.manager is not None:
                 log_event(logger, "draining", timeout_s=settings.drain_timeout)
                 await drain(state.manager, settings, hurry=signals.hurried)
             log_event(logger, "drained")
 
         config = hypercorn_config(settings)
+        if handoff is not None:
+            config.bind = handoff.binds
         try:
             sockets = listening_sockets(config, settings)
         except OSError as exc:
@@ -138,7 +148,9 @@ async def serve(
                         )
                     )
                     for bind in binds:
-                        log_event(logger, "listening", url=bind)
+                        log_event(logger, "worker_listening" if handoff else "listening", url=bind)
+                    if handoff is not None:
+                        handoff.report_ready()
                     task_status.started(binds)
         finally:
             for sock in [*sockets.secure_sockets, *sockets.insecure_sockets]:

@@ -14,6 +14,9 @@ One handler on the root logger, writing to stderr, in one of two formats:
   ``status``, ``duration_ms``, ``bytes``, ``user_agent`` (never request
   headers or the environment, which Hypercorn's access atoms also carry).
 
+A ``--workers`` worker (:mod:`server.supervisor`) adds its index to every
+line: ``worker=<i>`` after the level in text, a ``worker`` field in JSON.
+
 Hypercorn's ``hypercorn.access`` and ``hypercorn.error`` loggers are given no
 handler of their own and propagate to the root, so they share this
 configuration (see :func:`server.launcher.hypercorn_config`).
@@ -32,6 +35,7 @@ LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 HYPERCORN_LOGGERS = ("hypercorn.access", "hypercorn.error")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s %(message)s"
+WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)s worker={worker} %(name)s %(message)s"
 # Lifecycle keys (the tracker's vocabulary) -> JSON field names.
 JSON_FIELD_NAMES = {"trace": "run_id", "session": "session_id"}
 # Hypercorn access-log atoms worth a field (others hold headers and the
@@ -51,11 +55,19 @@ def log_event(
 class JsonFormatter(logging.Formatter):
     """One JSON object per record; see the module docstring for the fields."""
 
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
+        }
+        if self.worker is not None:
+            entry["worker"] = self.worker
+        entry |= {
             "event": getattr(record, "event", None),
             "message": record.getMessage(),
         }
@@ -84,13 +96,22 @@ def access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def configure_logging(level: str = "info", log_format: str = "text") -> None:
+def configure_logging(
+    level: str = "info", log_format: str = "text", *, worker: int | None = None
+) -> None:
+    """``worker``: the index of a ``--workers`` worker process, on each of
+    its lines (text: ``worker=<i>`` after the level, before the logger's
+    name; JSON: a ``worker`` field), so that the supervisor's stderr, which
+    all its workers share, says whose line is whose."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
-    )
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(worker))
+    elif worker is None:
+        handler.setFormatter(logging.Formatter(TEXT_FORMAT))
+    else:
+        handler.setFormatter(logging.Formatter(WORKER_TEXT_FORMAT.format(worker=worker)))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

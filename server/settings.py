@@ -109,6 +109,10 @@ class Settings:
     connect_timeout: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     # Blocking agents: worker threads at once.
     thread_limit: int = attrs.field(default=16, validator=attrs.validators.ge(1))
+    # Node processes serving the port (server.supervisor); above 1 needs redis_url.
+    workers: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    # redis://host:port/db: this process is a node of a cluster (docs/cluster.md).
+    redis_url: str | None = None
 
     def engine_config(self) -> EngineConfig:
         """The engine's configuration from these settings (what they do not

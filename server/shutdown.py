@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -47,6 +47,8 @@ class ShutdownSignals:
     requested: trio.Event = attrs.field(factory=trio.Event)
     # Any later one: skip what is left of the drain.
     hurried: trio.Event = attrs.field(factory=trio.Event)
+    # Also called with every signal (a supervisor passes each on to its workers).
+    forward: Callable[[int], None] | None = None
 
     def received(self, signum: int) -> None:
         name = signal.Signals(signum).name
@@ -56,16 +58,19 @@ class ShutdownSignals:
         else:
             log_event(logger, "shutdown_hurried", signal=name)
             self.hurried.set()
+        if self.forward is not None:
+            self.forward(signum)
 
 
 @contextmanager
-def shutdown_signals() -> Iterator[ShutdownSignals]:
+def shutdown_signals(forward: Callable[[int], None] | None = None) -> Iterator[ShutdownSignals]:
     """Receive :data:`SHUTDOWN_SIGNALS` for the duration of the block, in
-    trio's main thread; on exit the previous handlers are back.
+    trio's main thread; on exit the previous handlers are back. ``forward``
+    is called with each signal too, after the events are set.
 
     A signal that arrives after the block (the server has stopped, nothing is
     left to clean up) gets the process's previous handling."""
-    signals = ShutdownSignals()
+    signals = ShutdownSignals(forward=forward)
     token = trio.lowlevel.current_trio_token()
 
     def handler(signum: int, frame: FrameType | None) -> None:
