@@ -201,12 +201,6 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         defaults.workers,
         "node processes serving the port, each with its own drain; above 1 needs --redis-url",
     )
-    option(
-        "--redis-url",
-        str,
-        defaults.redis_url,
-        "redis://host:port/db: make this process a node of a cluster",
-    )
     env_keys = [key for key in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if key.strip()]
     parser.add_argument(
         "--api-key",
@@ -273,7 +267,6 @@ def parse_settings(
             connect_timeout=args.connect_timeout,
             thread_limit=args.thread_limit,
             workers=args.workers,
-            redis_url=args.redis_url,
         )
         check_agent_settings(settings)
     except (AgentConfigError, ValueError) as exc:

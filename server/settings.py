@@ -111,8 +111,6 @@ class Settings:
     thread_limit: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     # Node processes serving the port (server.supervisor); above 1 needs redis_url.
     workers: int = attrs.field(default=1, validator=attrs.validators.ge(1))
-    # redis://host:port/db: this process is a node of a cluster (docs/cluster.md).
-    redis_url: str | None = None
 
     def engine_config(self) -> EngineConfig:
         """The engine's configuration from these settings (what they do not
