@@ -17,6 +17,8 @@ from benchmarks._compare_proc import ServerProcess, proc_status
 from tests.fakes import FakeUpstream
 
 AUTH = {"Authorization": "Bearer devkey"}
+# The harness's clients: no cap on connections, a pool of 100 idle ones.
+LIMITS = httpx2.Limits(max_connections=None, max_keepalive_connections=100)
 CHAT = "/v1/chat/completions"
 
 

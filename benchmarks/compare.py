@@ -54,7 +54,7 @@ import httpx2
 import trio
 
 from benchmarks import _report
-from benchmarks._compare_client import SCALES, Context, Settings
+from benchmarks._compare_client import LIMITS, SCALES, Context, Settings
 from benchmarks._compare_proc import (
     SERVERS,
     ServerProcess,
@@ -132,9 +132,8 @@ async def run_scenario(
                 else:
                     process = await stack.enter_async_context(running_server(server, upstream_url))
                 tail = process.log_tail
-                limits = httpx2.Limits(max_connections=None, max_keepalive_connections=100)
                 async with httpx2.AsyncClient(
-                    base_url=process.url, timeout=settings.hang_timeout + 10, limits=limits
+                    base_url=process.url, timeout=settings.hang_timeout + 10, limits=LIMITS
                 ) as client:
                     ctx = Context(
                         server=process,

@@ -1,11 +1,12 @@
 """Hypercorn's trio worker, with each accepted connection traced.
 
 :func:`serve` is ``hypercorn.trio.run.worker_serve`` (Hypercorn 0.18) with
-one change: every plain TCP connection reaches Hypercorn wrapped
+two changes: every plain TCP connection reaches Hypercorn wrapped
 in a :class:`~server.web.connections.TracedStream`, so the app can tell a
 reader the kernel cut off for taking no data from a client that hung up
 (Hypercorn catches the socket error that says which: see
-:mod:`server.web.connections`). Hypercorn builds its listeners inside
+:mod:`server.web.connections`); and a connection its client closed is let
+go at once (:class:`_TCPServer`). Hypercorn builds its listeners inside
 ``worker_serve`` and offers no hook for the accepted stream, hence the copy;
 it keeps Hypercorn's order (lifespan startup, listeners, ``task_status``,
 shutdown trigger, graceful close, lifespan shutdown). TLS listeners and
@@ -33,6 +34,23 @@ from hypercorn.utils import ShutdownError, raise_shutdown, repr_socket_addr
 from .web.connections import TracedStream
 
 
+class _TCPServer(TCPServer):
+    """Hypercorn's connection, let go as soon as its client closed it.
+
+    Hypercorn 0.18's ``TCPServer._read_data`` returns on the client's EOF
+    without stopping the connection's idle timer, so a connection the
+    client closed while idle keeps its socket and two tasks until
+    ``keep_alive_timeout``: a client that opens and closes connections
+    quickly holds that many more sockets than it has open.
+    ``tests/integration/test_upstream_workarounds.py`` shows when this can go.
+    """
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        # The client is gone: nothing is left for the idle timer to close.
+        await self.idle_task.stop()
+
+
 async def serve(
     app: AppWrapper,
     config: Config,
@@ -58,7 +76,7 @@ async def serve(
         traced = TracedStream(stream)
         try:
             # Hypercorn annotates the stream as an SSLStream; any stream does.
-            await TCPServer(app, config, context, connection_state, traced)  # type: ignore[arg-type]
+            await _TCPServer(app, config, context, connection_state, traced)  # type: ignore[arg-type]
         finally:
             traced.forget()  # the request that could ask has ended
 

@@ -41,6 +41,12 @@ PIPELINED = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
 # buffers, so a reader that takes nothing is never one the server waits on.
 PACED_REPLY = ("--token-delay", "0.002", "--reply-words", "2000")
 SEND_TIMEOUT = 1.0
+ADMIN_KEY = "connections-admin"
+# Kept-alive connections the client closes; before the fix each held its
+# socket and two tasks until the keep-alive timeout.
+CLOSED_CONNECTIONS = 20
+# Far below the keep-alive timeout of that test's server (60 s).
+LET_GO_WAIT = 15.0
 SMALL_RECEIVE_BUFFER = 4096
 
 
@@ -182,6 +188,39 @@ async def test_server_closes_a_kept_alive_connection_once_idle(
     exchange = await exchange_on(address(connection_server), PIPELINED, PIPELINED)
     assert (exchange.statuses, exchange.rest, exchange.eof) == ([200, 200], b"", True)
     assert "connection" not in exchange.responses[0].headers
+
+
+async def debug_tasks(server: ServerProcess) -> int:
+    async with httpx2.AsyncClient(base_url=server.url, timeout=10) as client:
+        response = await client.get(
+            "/debug/tasks", headers={**auth(ADMIN_KEY), "Connection": "close"}
+        )
+    assert response.status_code == 200, response.text
+    tasks: int = response.json()["tasks"]
+    return tasks
+
+
+async def test_connections_the_client_closed_are_let_go_before_the_keep_alive_timeout() -> None:
+    """A client that closes its kept-alive connections leaves nothing behind
+    on the server: not until --keep-alive-timeout (60 s here), at once."""
+    with running_server(
+        "--token-delay",
+        "0",
+        "--reply-words",
+        "3",
+        "--keep-alive-timeout",
+        "60",
+        "--admin-key",
+        ADMIN_KEY,
+    ) as server:
+        baseline = await debug_tasks(server)
+        for _ in range(CLOSED_CONNECTIONS):
+            exchange = await exchange_on(address(server), post(CHAT_PATH, CHAT), until=1)
+            assert exchange.statuses == [200]  # kept alive, then closed by us
+        with trio.move_on_after(LET_GO_WAIT):
+            while await debug_tasks(server) > baseline:  # noqa: ASYNC110 -- another process
+                await trio.sleep(0.1)
+        assert await debug_tasks(server) <= baseline
 
 
 # --- finding 7: pipelining behind an early error --------------------------------
