@@ -5,8 +5,8 @@ LLM (``--agent openai``), for the tests of issue 12's "what must be shown".
 Resource handling: :func:`running_upstream` and :func:`running_node` are
 context managers over :func:`~tests.integration.harness.running_server`, so
 every process is stopped and waited for (a node killed by the test is only
-reaped). Each node gets a data dir of its own, kept until the test has read
-its SQLite archive (:func:`archive`), then removed.
+reaped). Each node gets a data dir of its own (a test that reads a node's
+SQLite archive after it stopped, with :func:`archive`, gives it one).
 
 Waiting: every HTTP call goes through a client with a timeout; streams are
 read under ``trio.fail_after``; nothing waits on wall time to pass except
@@ -54,10 +54,16 @@ def running_upstream() -> Iterator[ServerProcess]:
 
 @contextmanager
 def running_node(
-    redis_url: str, upstream: ServerProcess, *args: str, ttl: float = LEASE_TTL
+    redis_url: str,
+    upstream: ServerProcess,
+    *args: str,
+    ttl: float = LEASE_TTL,
+    data_dir: Path | None = None,
 ) -> Iterator[ServerProcess]:
-    """One node; its data dir stays until the block ends (read it with :func:`archive`)."""
-    data_dir = tempfile.mkdtemp(prefix="tss-node-")
+    """One node. Its data dir is removed when the block ends, unless the test
+    gives one (to read the archive afterwards with :func:`archive`)."""
+    own = data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="tss-node-")) if data_dir is None else data_dir
     try:
         with running_server(
             "--redis-url", redis_url,
@@ -70,12 +76,13 @@ def running_node(
             "--admin-key", ADMIN_KEY,
             "--drain-timeout", "2",
             "--keep-alive-timeout", "1",
-            "--data-dir", data_dir,
+            "--data-dir", str(data_dir),
             *args,
         ) as node:  # fmt: skip
             yield node
     finally:
-        shutil.rmtree(data_dir, ignore_errors=True)
+        if own:
+            shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def archive(node: ServerProcess) -> dict[str, dict[str, Any]]:
@@ -182,13 +189,13 @@ async def fake_stats(upstream: ServerProcess) -> dict[str, Any]:
 
 
 async def metric(node: ServerProcess, name: str) -> float:
-    """One sample of ``/metrics`` (no labels), 0 if absent."""
+    """One sample of ``/metrics`` (no labels); fails if the node has no such metric."""
     async with loopback_client(node.url) as client:
         response = await client.get("/metrics")
     for line in response.text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
-    return 0.0
+    raise AssertionError(f"no metric {name} in /metrics")
 
 
 def terminals(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
