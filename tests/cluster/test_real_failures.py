@@ -9,6 +9,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -136,3 +137,30 @@ async def test_sigstop_past_the_lease_then_sigcont(
         "interrupted",
         "owner_lost",
     )
+
+
+async def test_a_reader_on_another_node_sees_a_dead_owners_run_end(
+    redis: RedisProcess, upstream: ServerProcess
+) -> None:
+    # Regression: a reattached reader on another node heartbeated forever
+    # once the owner died: nothing ended the orphan until a new prompt came.
+    session = "killed-2"
+    with running_node(redis.url, upstream) as one, running_node(redis.url, upstream) as two:
+        async with trio.open_nursery() as nursery:
+            a = await start_long_run(one, session, nursery)
+            seen = a.events[-1]["seq"]
+            reattached: list[list[dict[str, Any]]] = []
+
+            async def reattach() -> None:
+                events = await run_events(two, a.run_id or "", last_event_id=f"{a.run_id}:{seen}")
+                reattached.append(events)
+
+            nursery.start_soon(reattach)
+            await trio.sleep(0.2)  # the reader is following before the kill
+            one.send_signal(signal.SIGKILL)
+        events = reattached[0]
+        assert [event["seq"] for event in events] == list(range(seen + 1, seen + 1 + len(events)))
+        assert [(e["type"], e.get("reason")) for e in terminals(events)] == [
+            ("run.interrupted", "owner_lost")
+        ]
+        assert events[-1]["type"] == "run.interrupted"
