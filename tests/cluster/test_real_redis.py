@@ -21,6 +21,7 @@ from .real import (
     SHORT,
     Streamed,
     archive,
+    metric,
     prompt_text,
     running_node,
     running_upstream,
@@ -78,13 +79,18 @@ async def test_redis_restarted_mid_run(
         async with trio.open_nursery() as nursery:
             a = await start_long_run(one, "restart-1", nursery)
             redis_server.restart()  # empty: A's lease is gone
-        # A ended (no hang), with one terminal event: its next write was refused.
-        assert a.status == 200 and a.types[-1] in ("run.interrupted", "run.completed"), a.events
-        if a.types[-1] == "run.interrupted":
-            assert a.terminal["reason"] == "owner_lost", a.terminal
+        # A ended (no hang), with one terminal event: its node's next write
+        # under the lease Redis no longer has was refused (fencing).
+        assert a.status == 200 and a.types[-1] == "run.interrupted", a.events[-3:]
+        assert a.terminal["reason"] == "owner_lost", a.terminal
+        line = await one.wait_for_line(r" lease_lost .*session=restart-1")
+        assert " cause=publish refused" in line or " cause=renewal refused" in line, line
+        assert await metric(one, "stream_server_cluster_fenced_writes_refused_total") >= 1
         b = await prompt_until_served(two, "restart-1")
         assert b.status == 200 and b.types[-1] == "run.completed", (b.body, b.events)
-    assert_nothing_running(archive(one))
+    stored = archive(one)
+    assert_nothing_running(stored)
+    assert stored[a.run_id or ""]["cancel_reason"] == "owner_lost"
 
 
 async def test_redis_gone_then_back(
@@ -107,17 +113,43 @@ async def test_redis_gone_then_back(
                 status, headers, text = await readyz(node)
                 assert status == 503 and "coordinator_unavailable" in text, text
                 assert "retry-after" in headers, headers
-        # The run in progress ended (owner_lost once no renewal worked for a ttl).
-        assert a.status == 200 and a.types[-1] in ("run.interrupted", "run.completed"), a.events
-        if a.types[-1] == "run.interrupted":
-            assert a.terminal["reason"] == "owner_lost", a.terminal
+        # The run in progress ended (owner_lost once no renewal worked for a
+        # ttl, well before its 200 tokens were out).
+        assert a.status == 200 and a.types[-1] == "run.interrupted", a.events[-3:]
+        assert a.terminal["reason"] == "owner_lost", a.terminal
         redis_server.start()
         for node, session in ((one, "gone-1"), (two, "gone-3")):
             result = await prompt_until_served(node, session)
             assert result.status == 200 and result.types[-1] == "run.completed", result
         status, _, text = await readyz(two)
         assert status == 200, text
-    assert_nothing_running(archive(one))
+    stored = archive(one)
+    assert_nothing_running(stored)
+    assert (stored[a.run_id or ""]["status"], stored[a.run_id or ""]["cancel_reason"]) == (
+        "interrupted",
+        "owner_lost",
+    )
+
+
+async def test_redis_hanging_is_never_a_hang(
+    redis_server: RedisProcess, upstream: ServerProcess
+) -> None:
+    # SIGSTOP: the kernel accepts connections, nothing answers. Every call is
+    # bounded, so a prompt gets its 503 and /readyz says not ready.
+    with running_node(redis_server.url, upstream) as one:
+        redis_server.pause()
+        try:
+            async with loopback_client(one.url) as client:
+                b = await stream_prompt(client, "hang-1", prompt_text("hang-1", "B", SHORT))
+            assert b.status == 503 and b.body is not None, (b.status, b.body)
+            assert b.body["error"]["code"] == "coordinator_unavailable", b.body
+            assert "retry-after" in b.headers, b.headers
+            status, _, text = await readyz(one)
+            assert status == 503 and "coordinator_unavailable" in text, text
+        finally:
+            redis_server.resume()
+        result = await prompt_until_served(one, "hang-2")
+        assert result.status == 200 and result.types[-1] == "run.completed", result
 
 
 def test_redis_unreachable_at_start_exits_2_with_one_line(tmp_path: Path) -> None:
