@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,15 @@ async def metric(node: ServerProcess, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"no metric {name} in /metrics")
+
+
+def logged_at(node: ServerProcess, name: str, run_id: str) -> datetime:
+    """When ``node`` logged lifecycle event ``name`` for ``run_id`` (the text
+    format's timestamp, milliseconds; all nodes share this host's clock)."""
+    marker = f" server.lifecycle {name} trace={run_id} "
+    line = next((line for line in node.lines if marker in line), None)
+    assert line is not None, f"{name} of {run_id} not logged:\n{node.log_text(last=30)}"
+    return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
 
 
 def terminals(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from .real import (
     Streamed,
     fake_stats,
     get_json,
+    logged_at,
     prompt_text,
     running_node,
     running_upstream,
@@ -96,5 +97,8 @@ async def test_cross_node_supersede_both_ways(cluster: Cluster) -> None:
         assert a_record["cancel_reason"] == "superseded", a_record
         status, b_record = await get_json(a_node, f"/v1/runs/{b.run_id}")
         assert status == 200 and b_record["status"] == "completed", b_record
-        # B's run was created (run.started) only after A's ended.
+        # B's run was created (run.started) only after A's ended: by the
+        # records' times and by the two nodes' lifecycle lines.
         assert b_record["created_at"] >= a_record["finished_at"], (a_record, b_record)
+        a_ended = logged_at(a_node, "stream_end", a.run_id or "")
+        assert logged_at(b_node, "stream_start", b.run_id or "") >= a_ended
