@@ -37,7 +37,7 @@ from .run import NullObserver, Run, RunObserver
 logger = logging.getLogger(__name__)
 
 
-async def _forget_nothing(run: Run) -> None:
+async def _forget_nothing(run: Run) -> None:  # noqa: ASYNC124 -- the hook is awaited
     return None
 
 
