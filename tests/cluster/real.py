@@ -115,6 +115,23 @@ class Streamed:
         return ends[0]
 
 
+async def start_long_run(node: ServerProcess, session: str, nursery: trio.Nursery) -> Streamed:
+    """A long run on ``node``, producing; its client reads until the stream breaks."""
+    a = Streamed()
+
+    async def read() -> None:
+        async with loopback_client(node.url) as client:
+            try:
+                await stream_prompt(client, session, prompt_text(session, "A", LONG), result=a)
+            except httpx2.TransportError:  # the node died under it
+                a.progressed.set()
+
+    nursery.start_soon(read)
+    await a.progressed.wait()
+    assert a.run_id is not None
+    return a
+
+
 def prompt_text(session: str, label: str, directives: str) -> str:
     # @session names the session at the fake, which counts its open streams.
     return f"{label} @session={session} {directives}"

@@ -6,7 +6,6 @@ line)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +16,13 @@ from tests.integration.harness import ServerProcess, loopback_client
 from tests.integration.test_startup_errors import assert_one_line_error, start_server
 
 from .real import (
-    LONG,
     SHORT,
     Streamed,
     archive,
     metric,
     prompt_text,
     running_node,
-    running_upstream,
+    start_long_run,
     stream_prompt,
 )
 from .redis_process import RedisProcess, free_port
@@ -32,12 +30,6 @@ from .redis_process import RedisProcess, free_port
 pytestmark = pytest.mark.integration
 
 RECOVERY_TIMEOUT = 20.0
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServerProcess]:
-    with running_upstream() as upstream:
-        yield upstream
 
 
 async def readyz(node: ServerProcess) -> tuple[int, dict[str, str], str]:
@@ -55,18 +47,6 @@ async def prompt_until_served(node: ServerProcess, session: str) -> Streamed:
             if result.status != 503:
                 return result
             await trio.sleep(0.1)
-
-
-async def start_long_run(node: ServerProcess, session: str, nursery: trio.Nursery) -> Streamed:
-    a = Streamed()
-
-    async def read() -> None:
-        async with loopback_client(node.url) as client:
-            await stream_prompt(client, session, prompt_text(session, "A", LONG), result=a)
-
-    nursery.start_soon(read)
-    await a.progressed.wait()
-    return a
 
 
 async def test_redis_restarted_mid_run(
