@@ -2,8 +2,10 @@
 ways, 50 trials at once in batches: never two upstream streams of a session
 open at once (counted by the fake upstream), every superseded run ends
 ``cancelled/superseded`` with its terminal frame, and the new run starts only
-after the old one ended (its record's token is larger and it was created
-after the old run finished)."""
+after the old one ended (its record was created after the old run
+finished, and its node logged its start after the old node logged the
+end). A storm of prompts alternating between the nodes: the same, whatever
+order they reach the session in."""
 
 from __future__ import annotations
 
@@ -102,3 +104,57 @@ async def test_cross_node_supersede_both_ways(cluster: Cluster) -> None:
         assert b_record["created_at"] >= a_record["finished_at"], (a_record, b_record)
         a_ended = logged_at(a_node, "stream_end", a.run_id or "")
         assert logged_at(b_node, "stream_start", b.run_id or "") >= a_ended
+
+
+# The storm: prompts for one session alternate between the nodes faster
+# than runs start or end.
+SESSIONS = 10
+PROMPTS = 6
+# Whichever prompt wins may be a long one: 40 tokens at 20 ms.
+MEDIUM = "@tokens=40 @delay=0.02"
+
+
+async def storm(nodes: tuple[ServerProcess, ServerProcess], session: str) -> list[Streamed]:
+    results = [Streamed() for _ in range(PROMPTS)]
+    async with trio.open_nursery() as nursery:
+        for index, result in enumerate(results):
+            node = nodes[index % 2]
+            last = index == PROMPTS - 1
+            text = prompt_text(session, f"P{index}", SHORT if last else MEDIUM)
+
+            async def post(
+                node: ServerProcess = node, text: str = text, result: Streamed = result
+            ) -> None:
+                async with loopback_client(node.url) as client:
+                    await stream_prompt(client, session, text, result=result)
+
+            nursery.start_soon(post)
+            await trio.sleep(0.02)
+    return results
+
+
+async def test_supersede_storm_across_nodes(cluster: Cluster) -> None:
+    outcomes: dict[str, list[Streamed]] = {}
+
+    async def one_session(index: int) -> None:
+        outcomes[f"storm-{index}"] = await storm(cluster.nodes, f"storm-{index}")
+
+    async with trio.open_nursery() as nursery:
+        for index in range(SESSIONS):
+            nursery.start_soon(one_session, index)
+    stats = await fake_stats(cluster.upstream)
+    for session, results in outcomes.items():
+        assert stats["sessions"][session]["max_concurrency"] == 1, stats["sessions"][session]
+        assert [r.status for r in results] == [200] * PROMPTS, [r.body for r in results]
+        # Prompts sent 20 ms apart to two nodes reach the session in no set
+        # order; each supersedes the run live when it takes the session.
+        # Every run ends with its own terminal frame, superseded or
+        # completed, and the one that took the session last completes.
+        ends = [(r.terminal["type"], r.terminal.get("reason")) for r in results]
+        assert set(ends) <= {("run.cancelled", "superseded"), ("run.completed", None)}, ends
+        upstream_order = [
+            int(r["prompt"].split()[0].removeprefix("P"))
+            for r in sorted(stats["requests"], key=lambda r: r["started_at"])
+            if r["session"] == session
+        ]
+        assert results[upstream_order[-1]].types[-1] == "run.completed", (session, ends)
