@@ -41,6 +41,7 @@ ADMIN_KEY = "cluster-admin"
 OTHER_KEY = "other"
 LEASE_TTL = 2.0
 STREAM_TIMEOUT = 30.0
+SETTLE_TIMEOUT = 15.0
 TERMINAL = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})
 # A: long enough to be superseded mid-stream (200 tokens at 20 ms); B: short.
 LONG = "@tokens=200 @delay=0.02"
@@ -223,6 +224,26 @@ def logged_at(node: ServerProcess, name: str, run_id: str) -> datetime:
     line = next((line for line in node.lines if marker in line), None)
     assert line is not None, f"{name} of {run_id} not logged:\n{node.log_text(last=30)}"
     return datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+
+
+async def settled(node: ServerProcess) -> dict[str, Any]:
+    """``/debug/tasks`` once the node holds no live run and no session (no
+    lease either): fails with the last answer if that does not happen."""
+    body: dict[str, Any] = {}
+    try:
+        with trio.fail_after(SETTLE_TIMEOUT):
+            while True:
+                async with loopback_client(node.url) as client:
+                    response = await client.get(
+                        "/debug/tasks", headers={**auth(ADMIN_KEY), "Connection": "close"}
+                    )
+                body = response.json()
+                if body["live_runs"] == 0 and not body["sessions"]:
+                    return body
+                await trio.sleep(0.05)
+    except trio.TooSlowError:
+        figures = {key: body.get(key) for key in ("live_runs", "sessions", "tasks")}
+        raise AssertionError(f"{node.url} not idle after {SETTLE_TIMEOUT}s: {figures}") from None
 
 
 def terminals(events: list[dict[str, Any]]) -> list[dict[str, Any]]:

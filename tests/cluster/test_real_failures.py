@@ -21,6 +21,7 @@ from .real import (
     prompt_text,
     run_events,
     running_node,
+    settled,
     start_long_run,
     stream_prompt,
     terminals,
@@ -54,6 +55,7 @@ async def test_kill_9_of_the_owner_mid_run(
         ]
         stats = (await fake_stats(upstream))["sessions"][session]
         assert stats["requests"] == 2, stats
+        await settled(two)
 
 
 async def test_a_reader_on_another_node_sees_a_dead_owners_run_end(
@@ -91,3 +93,4 @@ async def test_a_reader_on_another_node_sees_a_dead_owners_run_end(
             ("run.interrupted", "owner_lost")
         ]
         assert events[-1]["type"] == "run.interrupted"
+        await settled(two)

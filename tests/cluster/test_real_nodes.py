@@ -25,6 +25,7 @@ from .real import (
     run_events,
     running_node,
     running_upstream,
+    settled,
     stream_prompt,
 )
 from .redis_process import running_redis
@@ -182,3 +183,9 @@ async def test_rollback_across_nodes(cluster: Cluster) -> None:
         assert status == 404, (node.url, body)
         status, body = await get_json(node, f"/v1/sessions/{session}")
         assert [run["id"] for run in body["recent_runs"]] == [b.run_id], (node.url, body)
+
+
+async def test_both_nodes_are_idle_afterwards(cluster: Cluster) -> None:
+    # Last in the module: no live run, session or lease left behind.
+    for node in (cluster.one, cluster.two):
+        await settled(node)

@@ -23,6 +23,7 @@ from .real import (
     prompt_text,
     run_events,
     running_node,
+    settled,
     start_long_run,
     stream_prompt,
     terminals,
@@ -74,6 +75,7 @@ async def test_sigstop_past_the_lease_then_sigcont(
             for run_id in (a.run_id, b.run_id):
                 status, record = await get_json(node, f"/v1/runs/{run_id}")
                 assert status == 200 and record["status"] != "running", record
+            await settled(node)  # no run, session or lease left on either node
     # Both archives, once the nodes stopped: nothing running; A ended owner_lost on its node.
     stored = archive(one)
     assert_nothing_running(stored)
@@ -109,6 +111,7 @@ async def test_sigterm_of_the_owner_mid_run_hands_nothing_to_a_dead_node(
             ("run.interrupted", "shutdown")
         ]
         assert "lease_lost" not in one.log_text()
+        await settled(two)
     stored = archive(one)
     assert (stored[a.run_id or ""]["status"], stored[a.run_id or ""]["cancel_reason"]) == (
         "interrupted",

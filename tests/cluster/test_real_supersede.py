@@ -27,6 +27,7 @@ from .real import (
     prompt_text,
     running_node,
     running_upstream,
+    settled,
     stream_prompt,
 )
 from .redis_process import running_redis
@@ -104,6 +105,8 @@ async def test_cross_node_supersede_both_ways(cluster: Cluster) -> None:
         assert b_record["created_at"] >= a_record["finished_at"], (a_record, b_record)
         a_ended = logged_at(a_node, "stream_end", a.run_id or "")
         assert logged_at(b_node, "stream_start", b.run_id or "") >= a_ended
+    for node in cluster.nodes:
+        await settled(node)
 
 
 # The storm: prompts for one session alternate between the nodes faster
@@ -158,3 +161,6 @@ async def test_supersede_storm_across_nodes(cluster: Cluster) -> None:
             if r["session"] == session
         ]
         assert results[upstream_order[-1]].types[-1] == "run.completed", (session, ends)
+    # Nothing left behind: no live run, no session, no lease on either node.
+    for node in cluster.nodes:
+        await settled(node)
