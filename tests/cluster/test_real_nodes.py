@@ -4,6 +4,7 @@ records from the node that does not run the run; another key sees nothing;
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import pytest
 import trio
 
 from tests.integration.harness import ServerProcess, loopback_client
-from tests.integration.wire import auth
+from tests.integration.wire import auth, iter_sse
 
 from .real import (
     LONG,
@@ -183,6 +184,24 @@ async def test_rollback_across_nodes(cluster: Cluster) -> None:
         assert status == 404, (node.url, body)
         status, body = await get_json(node, f"/v1/sessions/{session}")
         assert [run["id"] for run in body["recent_runs"]] == [b.run_id], (node.url, body)
+
+
+async def test_reattach_to_an_ended_run_from_the_other_node_over_sse(cluster: Cluster) -> None:
+    session = "sse-1"
+    async with loopback_client(cluster.one.url) as client:
+        a = await stream_prompt(client, session, prompt_text(session, "A", SHORT))
+    assert a.types[-1] == "run.completed", a.events
+    async with loopback_client(cluster.two.url) as client:
+        for headers, query in (({"Last-Event-ID": f"{a.run_id}:0"}, ""), ({}, "?after=0")):
+            async with client.stream(
+                "GET", f"/v1/runs/{a.run_id}/events{query}", headers={**auth(), **headers}
+            ) as response:
+                assert response.status_code == 200
+                assert response.headers["content-type"].startswith("text/event-stream")
+                events = [event async for event in iter_sse(response)]
+            assert [e.id for e in events] == [f"{a.run_id}:{e['seq']}" for e in a.events[1:]]
+            assert [e.event for e in events] == a.types[1:]
+            assert [json.loads(e.data) for e in events] == a.events[1:]
 
 
 async def test_both_nodes_are_idle_afterwards(cluster: Cluster) -> None:
