@@ -15,9 +15,11 @@ from tests.integration.harness import ServerProcess, loopback_client
 from tests.integration.wire import auth, iter_sse
 
 from .real import (
+    ADMIN_KEY,
     LONG,
     OTHER_KEY,
     SHORT,
+    STREAM_TIMEOUT,
     Streamed,
     assert_gapless,
     fake_stats,
@@ -124,7 +126,24 @@ async def test_reject_across_nodes(cluster: Cluster) -> None:
     assert (await fake_stats(cluster.upstream))["sessions"][session]["requests"] == 1
 
 
+async def waiting_on(node: ServerProcess, session: str, count: int) -> None:
+    """Until ``count`` submissions (local prompts or other nodes' intents)
+    wait in ``session``'s line on ``node`` (its /debug/tasks)."""
+    with trio.fail_after(STREAM_TIMEOUT):
+        while True:
+            async with loopback_client(node.url) as client:
+                response = await client.get(
+                    "/debug/tasks", headers={**auth(ADMIN_KEY), "Connection": "close"}
+                )
+            sessions = [s for s in response.json()["sessions"] if s["session_id"] == session]
+            if sessions and sessions[0]["waiting_submissions"] >= count:
+                return
+            await trio.sleep(0.02)
+
+
 async def test_enqueue_across_nodes_in_order(cluster: Cluster) -> None:
+    # A runs on node 1; B (node 2) and then C (node 1, once B's intent has
+    # its place in the line there) are enqueued: A, B, C, one after another.
     session = "enqueue-1"
     a, b, c = Streamed(), Streamed(), Streamed()
     async with (
@@ -141,10 +160,11 @@ async def test_enqueue_across_nodes_in_order(cluster: Cluster) -> None:
                 two, session, prompt_text(session, "B", MEDIUM), result=b, on_conflict="enqueue"
             )
         )
-        await b.progressed.wait()  # B runs on node 2 once A has completed
-        assert a.types[-1] == "run.completed", a.events
-        await stream_prompt(
-            one, session, prompt_text(session, "C", SHORT), result=c, on_conflict="enqueue"
+        await waiting_on(cluster.one, session, 1)  # B's intent, in line behind A
+        nursery.start_soon(
+            lambda: stream_prompt(
+                one, session, prompt_text(session, "C", SHORT), result=c, on_conflict="enqueue"
+            )
         )
     assert [x.types[-1] for x in (a, b, c)] == ["run.completed"] * 3
     stats = await fake_stats(cluster.upstream)
