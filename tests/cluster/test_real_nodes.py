@@ -206,6 +206,26 @@ async def test_rollback_across_nodes(cluster: Cluster) -> None:
         assert [run["id"] for run in body["recent_runs"]] == [b.run_id], (node.url, body)
 
 
+async def test_rollback_on_the_owning_node_is_forgotten_on_the_other(cluster: Cluster) -> None:
+    session = "rollback-2"
+    a = Streamed()
+    async with loopback_client(cluster.one.url) as one, trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: stream_prompt(one, session, prompt_text(session, "A", LONG), result=a)
+        )
+        await a.progressed.wait()
+        b = await stream_prompt(
+            one, session, prompt_text(session, "B", SHORT), on_conflict="rollback"
+        )
+    assert a.terminal["type"] == "run.cancelled" and a.terminal["reason"] == "superseded"
+    assert b.types[-1] == "run.completed", b.events
+    for node in (cluster.one, cluster.two):
+        status, body = await get_json(node, f"/v1/runs/{a.run_id}")
+        assert status == 404, (node.url, body)
+        status, body = await get_json(node, f"/v1/sessions/{session}")
+        assert [run["id"] for run in body["recent_runs"]] == [b.run_id], (node.url, body)
+
+
 async def test_reattach_to_an_ended_run_from_the_other_node_over_sse(cluster: Cluster) -> None:
     session = "sse-1"
     async with loopback_client(cluster.one.url) as client:
