@@ -96,6 +96,13 @@ def access_fields(atoms: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
+# coredis logs every retry at INFO (a script loaded again after a Redis
+# restart, each refused connect while Redis is away): routine for a node,
+# noise on its stderr (a node that cannot reach Redis at start would print
+# two of them before its one-line error). Shown with --log-level debug.
+QUIET_LOGGERS = ("coredis",)
+
+
 def configure_logging(
     level: str = "info", log_format: str = "text", *, worker: int | None = None
 ) -> None:
@@ -120,3 +127,6 @@ def configure_logging(
         hypercorn_logger.handlers.clear()
         hypercorn_logger.propagate = True
         hypercorn_logger.setLevel(logging.NOTSET)
+    for name in QUIET_LOGGERS:
+        quiet = logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING
+        logging.getLogger(name).setLevel(quiet)

@@ -167,6 +167,12 @@ class ClusterBackend(Protocol):
         and write ``record``, unless the run already has a terminal event.
         Fenced by ``lease`` (the new owner's). True if it wrote."""
 
+    async def forget_run(self, lease: Lease, run_id: str) -> bool:
+        """Delete a run's record and events and drop it from its session's
+        runs (``rollback``), fenced by ``lease``. False (nothing deleted) if
+        ``lease`` no longer holds the session; True also when the run was
+        not there."""
+
     async def run_record(self, run_id: str) -> dict[str, Any] | None:
         """A run's record (within retention), whoever owns it."""
 

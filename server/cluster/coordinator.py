@@ -105,6 +105,11 @@ class ClusterCoordinator:
         with trio.move_on_after(self.config.call_timeout):
             await self.owner.wait_mirrored(run)
 
+    async def run_discarded(self, run: Run) -> None:
+        """Rolled back (here, or for another node's ``rollback`` intent): the
+        run leaves the shared state too, so no node answers for it."""
+        await self.owner.forget(run)
+
     async def acquire(self, session: Session, on_conflict: OnConflict) -> None:
         ref = ref_of(session.key)
         try:

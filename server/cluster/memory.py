@@ -262,6 +262,19 @@ class MemoryBackend:
         row.wake()
         return True
 
+    async def forget_run(self, lease: Lease, run_id: str) -> bool:
+        self._check()
+        await trio.lowlevel.checkpoint()
+        if self._holds(lease) is None:
+            return False
+        row = self._runs.pop(run_id, None)
+        runs = self._session_runs.get(lease.session, [])
+        if run_id in runs:
+            runs.remove(run_id)
+        if row is not None:
+            row.wake()  # its readers find it gone
+        return True
+
     async def run_record(self, run_id: str) -> dict[str, Any] | None:
         self._check()
         await trio.lowlevel.checkpoint()

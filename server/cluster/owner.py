@@ -175,6 +175,29 @@ class Owner:
         elif self.lose(held, "renewal refused"):
             self.metrics.fenced_writes_refused += 1
 
+    async def forget(self, run: Run) -> None:
+        """Delete a rolled-back run's record and events in the shared state,
+        once its mirror is done (else the mirror could write them again).
+        Fenced: a lease lost meanwhile refuses it (lost here too); with the
+        backend away the record stays until its retention ends (logged)."""
+        held = self.held.get(SessionRef(principal=run.principal, session_id=run.session_id))
+        if held is None or held.state is HeldState.GONE:
+            return
+        mirror = held.mirrors.get(run.run_id)
+        budget = self.config.lease_ttl + self.config.call_timeout
+        with trio.move_on_after(budget):
+            if mirror is not None:
+                await mirror.done.wait()
+            try:
+                forgotten = await self.calls(self.calls.backend.forget_run(held.lease, run.run_id))
+            except BackendUnavailable:
+                pass
+            else:
+                if not forgotten and self.lose(held, "forget refused"):
+                    self.metrics.fenced_writes_refused += 1
+                return
+        logger.warning("rollback: run %s may still be in the shared state", run.run_id)
+
     # --- the run mirror -----------------------------------------------------------
 
     def run_started(self, session: Session, run: Run) -> None:

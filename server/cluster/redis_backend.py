@@ -310,8 +310,7 @@ class RedisBackend:
         return int(seq) >= 0
 
     async def forget_run(self, lease: Lease, run_id: str) -> bool:
-        """Delete a run's record and events (``rollback``), fenced by ``lease``.
-        Not part of the seam yet (see the cluster notes)."""
+        """Delete a run's record and events (``rollback``), fenced by ``lease``."""
         keys = self._run_keys(lease, run_id)
         return bool(await self._script(self._forget_run, keys, [lease.token, run_id]) == 1)
 

@@ -18,6 +18,8 @@ The manager calls, in order:
 * (cluster mode) :meth:`Coordinator.run_recorded` once ``run.started`` is
   out, before the client learns the run's id: bounded, it waits until the
   run's record is in the shared state, so any node can answer for it;
+* (cluster mode) :meth:`Coordinator.run_discarded` when a run was rolled
+  back here: bounded, it forgets the run in the shared state too;
 * :meth:`Coordinator.release` when the session is dropped.
 """
 
@@ -51,6 +53,9 @@ class Coordinator(Protocol):
     async def run_recorded(self, run: Run) -> None:
         """Cluster mode: until ``run``'s start is in the shared state (bounded)."""
 
+    async def run_discarded(self, run: Run) -> None:
+        """Cluster mode: forget a rolled-back run in the shared state (bounded)."""
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The coordinator's own tasks (cluster mode), until cancelled."""
 
@@ -71,6 +76,9 @@ class InProcessCoordinator:
 
     async def run_recorded(self, run: Run) -> None:
         return None  # never asked: there is no shared state
+
+    async def run_discarded(self, run: Run) -> None:
+        return None  # the store and the registry are all there is
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()

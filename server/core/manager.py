@@ -180,6 +180,7 @@ class SessionManager:
                 observer=self.observer,
                 on_dropped=self._forget,
                 on_discarded=self.runs.discard,
+                forget_shared=self._forget_shared,
                 on_quiet=self._release_run_slot,
             )
             self._sessions[key] = session
@@ -266,6 +267,11 @@ class SessionManager:
             if not self._run_slots_of[principal]:
                 del self._run_slots_of[principal]
             self._run_slots -= 1
+
+    async def _forget_shared(self, run: Run) -> None:
+        """A rolled-back run, in cluster mode: out of the shared state too."""
+        if self.coordinator.node is not None:
+            await self.coordinator.run_discarded(run)
 
     def _forget(self, session: Session) -> None:
         self._release_run_slot(session)

@@ -19,7 +19,7 @@ import enum
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -35,6 +35,10 @@ from .lifecycle_log import lifecycle_event
 from .run import NullObserver, Run, RunObserver
 
 logger = logging.getLogger(__name__)
+
+
+async def _forget_nothing(run: Run) -> None:  # noqa: ASYNC124 -- the hook is awaited
+    return None
 
 
 @attrs.frozen
@@ -116,6 +120,9 @@ class Session:
     on_dropped: Callable[[Session], None] = attrs.field(default=lambda session: None)
     # Called (synchronously) when a rolled-back run is to be forgotten.
     on_discarded: Callable[[Run], None] = attrs.field(default=lambda run: None)
+    # Awaited after that: cluster mode forgets the run in the shared state
+    # too (bounded by the coordinator).
+    forget_shared: Callable[[Run], Awaitable[None]] = attrs.field(default=_forget_nothing)
     # Called (synchronously) whenever the session stops being busy: the
     # manager gives back its run slot.
     on_quiet: Callable[[Session], None] = attrs.field(default=lambda session: None)
@@ -301,17 +308,22 @@ class Session:
 
     async def roll_back(self, run: Run) -> None:
         """Forget a superseded run: its record, then (only if that worked) the
-        run itself, so the registry and the store never disagree. The new
-        prompt goes ahead either way."""
+        run itself, so the registry and the store never disagree, and (cluster
+        mode) its record and events in the shared state. The new prompt goes
+        ahead either way."""
+        discarded = False
         with trio.move_on_after(self.config.cleanup_budget):
             try:
                 await run.observer.run_discarded(run)
             except Exception:
                 logger.exception("run %s: could not be rolled back", run.run_id)
                 return
-            self.on_discarded(run)
+            discarded = True
+        if not discarded:
+            logger.warning("run %s: rollback timed out; the run is kept", run.run_id)
             return
-        logger.warning("run %s: rollback timed out; the run is kept", run.run_id)
+        self.on_discarded(run)
+        await self.forget_shared(run)
 
     def _run_ended(self, run: Run) -> None:
         self.live_runs.discard(run)

@@ -21,9 +21,38 @@ from __future__ import annotations
 import sqlite3
 
 _STATUSES = "'running', 'completed', 'cancelled', 'interrupted', 'failed'"
-_REASONS = (
+_REASONS_V1 = (
     "'superseded', 'client_stop', 'client_disconnect', 'shutdown', 'deadline', 'crash_recovery'"
 )
+# Version 3 adds cluster mode's reason (a node that lost a session's lease).
+_REASONS = f"{_REASONS_V1}, 'owner_lost'"
+
+
+def _runs_table(name: str, reasons: str) -> str:
+    """The runs table as of version 3 (prompt nullable), with ``reasons`` allowed."""
+    return f"""
+    CREATE TABLE {name} (
+        run_id            TEXT PRIMARY KEY NOT NULL,
+        principal         TEXT NOT NULL,
+        session_id        TEXT NOT NULL,
+        prompt            TEXT,
+        agent             TEXT NOT NULL,
+        status            TEXT NOT NULL CHECK (status IN ({_STATUSES})),
+        cancel_reason     TEXT CHECK (cancel_reason IN ({reasons})),
+        output_text       TEXT NOT NULL DEFAULT '',
+        prompt_tokens     INTEGER CHECK (prompt_tokens >= 0),
+        completion_tokens INTEGER CHECK (completion_tokens >= 0),
+        created_at        REAL NOT NULL,
+        finished_at       REAL,
+        error_code        TEXT,
+        error_message     TEXT,
+        CHECK ((status = 'running') = (finished_at IS NULL)),
+        CHECK (cancel_reason IS NULL OR status IN ('cancelled', 'interrupted')),
+        CHECK ((prompt_tokens IS NULL) = (completion_tokens IS NULL)),
+        CHECK ((error_code IS NULL) = (error_message IS NULL))
+    )
+    """
+
 
 # Version 1: the runs table. The CHECKs mirror RunRecord's validation.
 _V1 = (
@@ -35,7 +64,7 @@ _V1 = (
         prompt            TEXT NOT NULL,
         agent             TEXT NOT NULL,
         status            TEXT NOT NULL CHECK (status IN ({_STATUSES})),
-        cancel_reason     TEXT CHECK (cancel_reason IN ({_REASONS})),
+        cancel_reason     TEXT CHECK (cancel_reason IN ({_REASONS_V1})),
         output_text       TEXT NOT NULL DEFAULT '',
         prompt_tokens     INTEGER CHECK (prompt_tokens >= 0),
         completion_tokens INTEGER CHECK (completion_tokens >= 0),
@@ -68,7 +97,7 @@ _V2 = (
         prompt            TEXT,
         agent             TEXT NOT NULL,
         status            TEXT NOT NULL CHECK (status IN ({_STATUSES})),
-        cancel_reason     TEXT CHECK (cancel_reason IN ({_REASONS})),
+        cancel_reason     TEXT CHECK (cancel_reason IN ({_REASONS_V1})),
         output_text       TEXT NOT NULL DEFAULT '',
         prompt_tokens     INTEGER CHECK (prompt_tokens >= 0),
         completion_tokens INTEGER CHECK (completion_tokens >= 0),
@@ -88,7 +117,19 @@ _V2 = (
     *_V1[1:],
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+# Version 3: ``cancel_reason`` may be ``owner_lost`` (cluster mode, issue 12):
+# without it a node could not record a run it stopped because it lost the
+# session's lease, and the run stayed ``running`` in its archive. The CHECK
+# is part of the table, so the table is rebuilt as in version 2.
+_V3 = (
+    _runs_table("runs_v3", _REASONS),
+    "INSERT INTO runs_v3 SELECT * FROM runs",
+    "DROP TABLE runs",
+    "ALTER TABLE runs_v3 RENAME TO runs",
+    *_V1[1:],
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

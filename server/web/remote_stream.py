@@ -3,7 +3,11 @@ events from the shared state, after a seq, live to the terminal event.
 
 The body is an async generator that only awaits bounded reads (no nursery,
 no cancel scope around a ``yield``). A heartbeat goes out after
-``heartbeat_interval`` seconds without an event. If Redis becomes
+``heartbeat_interval`` seconds without an event. After each read that
+brought nothing the run's record is read: that ends a run whose owner died
+or was paused past its lease (``owner_lost``), so a follower is never left
+waiting for a terminal event nobody will write, and a run that is gone
+(rolled back, past retention) ends the stream. If Redis becomes
 unreachable the stream ends; the client reattaches with ``Last-Event-ID``
 and misses nothing (entries are keyed by seq).
 """
@@ -27,6 +31,7 @@ READ_SLICE = 1.0
 
 async def remote_frames(
     cluster: ClusterCoordinator,
+    principal: str,
     run_id: str,
     after: int,
     encoder: FrameEncoder,
@@ -47,7 +52,17 @@ async def remote_frames(
             quiet_since = trio.current_time()
             if events[-1].terminal:
                 return
-        elif trio.current_time() - quiet_since >= heartbeat_interval:
+            continue
+        # A whole read without an event: reading the record ends the run
+        # (owner_lost) if its owner lost the session (died, paused), so the
+        # terminal event comes next; a run no longer there (rolled back,
+        # past retention) will send nothing more.
+        try:
+            if await cluster.run_record(principal, run_id) is None:
+                return
+        except CoordinatorUnavailable:
+            return
+        if trio.current_time() - quiet_since >= heartbeat_interval:
             yield encoder.heartbeat()
             quiet_since = trio.current_time()
 

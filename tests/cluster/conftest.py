@@ -16,6 +16,7 @@ from collections.abc import Generator, Iterator
 import pytest
 
 from server.core.lifecycle_log import set_process_node
+from tests.integration.harness import FakeUpstreamProcess, ServerProcess, running_server
 
 from .redis_process import RedisProcess, redis_server_path, running_redis
 
@@ -42,6 +43,20 @@ def redis_server(redis_executable: str) -> Iterator[RedisProcess]:
     """A fresh, empty redis-server for this test."""
     with running_redis(redis_executable) as redis:
         yield redis
+
+
+@pytest.fixture(scope="module")
+def shared_redis(redis_executable: str) -> Iterator[RedisProcess]:
+    """One redis-server for a module's tests (each uses its own sessions)."""
+    with running_redis(redis_executable) as redis:
+        yield redis
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[ServerProcess]:
+    """The fake LLM upstream as a process, for a module's real nodes."""
+    with running_server("--delay", "0.01", kind=FakeUpstreamProcess) as upstream:
+        yield upstream
 
 
 @pytest.hookimpl(wrapper=True)

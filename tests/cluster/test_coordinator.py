@@ -132,6 +132,34 @@ async def test_rollback_across_nodes_forgets_the_superseded_run(
         assert first.cancel_reason is CancelReason.SUPERSEDED
         assert a.observer.discarded == [first.run_id]
         assert a.manager.runs.lookup(PRINCIPAL, first.run_id) is None
+        # Forgotten in the shared state too, before the lease was handed over.
+        assert await backend.run_record(first.run_id) is None
+        assert backend.stream(first.run_id) == []
+        await second.wait_ended()
+        await trio.testing.wait_all_tasks_blocked()
+        ref = SessionRef(principal=PRINCIPAL, session_id="s1")
+        assert [r["run_id"] for r in await backend.session_runs(ref, 10)] == [second.run_id]
+        nursery.cancel_scope.cancel()
+
+
+async def test_rollback_on_the_owning_node_forgets_the_run_in_the_shared_state(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    backend = MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, backend, "a", scripted(10))
+        b = await start_node(nursery, backend, "b", scripted(10))
+        first = await a.prompt("first")
+        await trio.sleep(1.5)
+        second = await a.prompt("second", on_conflict=OnConflict.ROLLBACK)
+        assert first.cancel_reason is CancelReason.SUPERSEDED
+        assert a.observer.discarded == [first.run_id]
+        # Its terminal event was published, then it was forgotten everywhere.
+        assert journal_index(backend, first.run_id, "run.cancelled") >= 0
+        assert await backend.run_record(first.run_id) is None
+        assert await b.coordinator.run_record(PRINCIPAL, first.run_id) is None
+        await second.wait_ended()
+        assert second.status is RunStatus.COMPLETED
         nursery.cancel_scope.cancel()
 
 

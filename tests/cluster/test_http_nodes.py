@@ -164,3 +164,34 @@ async def test_debug_tasks_shows_the_lease_of_each_session(
         # Let the stream end by itself (the test client cannot be cancelled mid-request).
         await trio.sleep(20)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_reader_on_the_other_node_gets_the_end_of_a_run_whose_owner_lost_it(
+    autojump_clock: trio.testing.MockClock, backend: MemoryBackend
+) -> None:
+    # Regression: with the owner gone (here: frozen past its lease, as the
+    # shared state sees it) nothing ended its run, and a reader following
+    # it from another node heartbeated forever.
+    async with node(backend) as a, node(backend) as b, trio.open_nursery() as nursery:
+        run_id = await start_prompt(a, nursery, "first")
+        await trio.sleep(1.5)
+        body = b""
+        with trio.fail_after(60):
+            async with b.test_client().request(
+                f"/v1/runs/{run_id}/events",
+                method="GET",
+                headers={**AUTH, "Accept": "application/x-ndjson", "Last-Event-ID": f"{run_id}:0"},
+            ) as connection:
+                await connection.send_complete()
+                body += await connection.receive()  # following: what was published so far
+                backend.jump(100.0)  # every lease has expired for the shared state
+                while True:
+                    try:
+                        body += await connection.receive()
+                    except trio.EndOfChannel:
+                        break
+        events = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+        seqs = [event["seq"] for event in events]
+        assert seqs == list(range(1, seqs[-1] + 1))
+        assert (events[-1]["type"], events[-1]["reason"]) == ("run.interrupted", "owner_lost")
+        nursery.cancel_scope.cancel()

@@ -150,11 +150,11 @@ async def test_open_creates_versioned_schema_in_wal_mode(
     async with open_sqlite_store(data_dir) as store:
         assert store.path == data_dir / DB_FILE
         assert store.recovered == 0
-    assert "migrated=1,2 " in caplog.text
+    assert "migrated=1,2,3 " in caplog.text
 
     db = raw(data_dir)
-    assert SCHEMA_VERSION == 2
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert SCHEMA_VERSION == 3
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"runs_by_session", "runs_by_finish"} <= indexes
@@ -201,10 +201,55 @@ async def test_version_1_database_migrates_to_nullable_prompts_keeping_its_rows(
     assert old is not None and (old.prompt, old.text) == ("an old prompt", "an answer")
     assert new is not None and new.prompt is None
     db = raw(tmp_path)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
     assert {"runs_by_session", "runs_by_finish"} <= indexes
     db.close()
+
+
+async def test_version_2_database_migrates_to_owner_lost_keeping_its_rows(
+    tmp_path: Path,
+) -> None:
+    db = raw(tmp_path)
+    db.execute("BEGIN")
+    for migration in MIGRATIONS[:2]:
+        for statement in migration:
+            db.execute(statement)
+    db.execute("PRAGMA user_version = 2")
+    db.execute(
+        "INSERT INTO runs (run_id, principal, session_id, agent, status, cancel_reason,"
+        " created_at, finished_at) VALUES ('old', ?, 's1', 'scripted', 'cancelled',"
+        " 'superseded', 1, 2)",
+        (ALICE,),
+    )
+    db.execute("COMMIT")
+    db.close()
+    async with open_sqlite_store(tmp_path) as store:
+        old = await store.get("old")
+        await store.insert_started(started("lost"))
+        await store.finish(
+            ended("lost", status=RunStatus.INTERRUPTED, cancel_reason=CancelReason.OWNER_LOST)
+        )
+        lost = await store.get("lost")
+    assert old is not None and (old.status, old.cancel_reason) == (
+        RunStatus.CANCELLED,
+        "superseded",
+    )
+    assert lost is not None and (lost.status, lost.cancel_reason) == (
+        RunStatus.INTERRUPTED,
+        "owner_lost",
+    )
+
+
+async def test_every_cancel_reason_can_be_recorded(store: SqliteRunStore) -> None:
+    # Regression (issue 12): owner_lost was refused by the table's CHECK, so
+    # a node that lost a session's lease left its run `running` in its archive.
+    for reason in CancelReason:
+        status = RunStatus.INTERRUPTED if reason.ended_by_server else RunStatus.CANCELLED
+        await store.insert_started(started(reason.value))
+        await store.finish(ended(reason.value, status=status, cancel_reason=reason))
+        record = await store.get(reason.value)
+        assert record is not None and record.cancel_reason == reason.value
 
 
 async def test_database_from_a_newer_server_is_refused(tmp_path: Path) -> None:
