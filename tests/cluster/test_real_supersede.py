@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
+from server.settings import Settings
 from tests.integration.harness import ServerProcess, loopback_client
 
 from .real import (
@@ -34,6 +35,8 @@ from .redis_process import running_redis
 
 pytestmark = pytest.mark.integration
 
+DEFAULT_LEASE_TTL = Settings().lease_ttl
+
 TRIALS = 50
 BATCH = 25
 
@@ -49,8 +52,11 @@ def cluster(redis_executable: str) -> Iterator[Cluster]:
     with (
         running_redis(redis_executable) as redis,
         running_upstream() as upstream,
-        running_node(redis.url, upstream) as one,
-        running_node(redis.url, upstream) as two,
+        # The default lease TTL: these tests are about supersedes, and a
+        # 2 s lease (what the failure tests use, to be quick) can run out
+        # when the suite's workers starve a node of CPU for that long.
+        running_node(redis.url, upstream, ttl=DEFAULT_LEASE_TTL) as one,
+        running_node(redis.url, upstream, ttl=DEFAULT_LEASE_TTL) as two,
     ):
         yield Cluster(upstream, (one, two))
 
