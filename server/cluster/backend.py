@@ -93,6 +93,11 @@ class Intent:
     reply_to: str
     # STOP: the run to stop.
     run_id: str | None = None
+    # The token the asker saw holding the session (None: not said, from an
+    # older node): a node holding that token with no session that uses it
+    # gives it up at once (fenced by it), instead of being asked until it
+    # expires.
+    token: int | None = None
 
 
 class ReplyStatus(enum.StrEnum):

@@ -150,7 +150,9 @@ class ClusterCoordinator:
 
     async def _ask_owner(self, ref: SessionRef, holder: Holder, kind: IntentKind) -> Lease | None:
         reply_to = f"{self.node}:{uuid.uuid4().hex}"
-        intent = Intent(kind=kind, session=ref, from_node=self.node, reply_to=reply_to)
+        intent = Intent(
+            kind=kind, session=ref, from_node=self.node, reply_to=reply_to, token=holder.token
+        )
         await self.calls(self.backend.send_intent(holder.node, intent))
         self.metrics.cancels_sent += 1
         asked_at = trio.current_time()
@@ -166,13 +168,22 @@ class ClusterCoordinator:
                     await self._give_back_late_handover(ref, reply_to)
 
     async def _await_handover(self, ref: SessionRef, holder: Holder, reply_to: str) -> Lease | None:
+        # NOT_OWNER: the holder has no session using the lease (it gives a
+        # stray lease up at once, else it expires): asking again before the
+        # lease changed would only ask again and again, so wait for that.
+        not_owner = False
         while True:
             block = min(REPLY_SLICE, max(holder.expires_in, 0.0))
-            reply = await self.calls(self.backend.wait_reply(reply_to, block=block), block=block)
-            if reply is not None:
-                if reply.status is ReplyStatus.DONE and reply.token is not None:
-                    return Lease(session=ref, node=self.node, token=reply.token)
-                return None
+            if not_owner:
+                await trio.sleep(block)
+            else:
+                reply = await self.calls(
+                    self.backend.wait_reply(reply_to, block=block), block=block
+                )
+                if reply is not None:
+                    if reply.status is ReplyStatus.DONE and reply.token is not None:
+                        return Lease(session=ref, node=self.node, token=reply.token)
+                    not_owner = True
             now = await self.calls(self.backend.holder(ref))
             if now is None:
                 return None  # the owner's lease expired: take it

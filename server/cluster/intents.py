@@ -24,7 +24,7 @@ from ..core.events import CancelReason
 from ..core.lifecycle_log import lifecycle_event
 from ..core.run import Run
 from ..core.session import SessionClosed
-from .backend import BackendUnavailable, Intent, IntentKind, Reply, ReplyStatus
+from .backend import BackendUnavailable, Intent, IntentKind, Lease, Reply, ReplyStatus
 from .held import Held, HeldState
 from .records import record_of
 
@@ -88,6 +88,7 @@ class Intents:
         not_owner = Reply(status=ReplyStatus.NOT_OWNER)
         held = self.owner.held.get(intent.session)
         if held is None or held.state is not HeldState.HELD:
+            await self._give_up_stray(intent)
             return not_owner
         session = held.session
         try:
@@ -135,6 +136,21 @@ class Intents:
             return Reply(status=ReplyStatus.DONE, token=lease.token)
         finally:
             session.leave(ticket)
+
+    async def _give_up_stray(self, intent: Intent) -> None:
+        """The asker saw this node hold the session with ``intent.token``,
+        but no session here uses it (a release that did not get through):
+        release it, fenced by that token, so the asker need not wait for it
+        to expire. A session whose lease was given up while its runs are
+        still ending keeps it (it is released once they ended)."""
+        ref = intent.session
+        if intent.token is None or self.owner.holds(ref, intent.token) or ref in self.owner.lost:
+            return
+        lease = Lease(session=ref, node=self.owner.node, token=intent.token)
+        try:
+            await self.owner.calls(self.owner.calls.backend.release(lease))
+        except BackendUnavailable:
+            pass  # it expires by itself
 
     async def _end_for_handover(self, held: Held, run: Run, kind: IntentKind) -> None:
         if not run.ended:

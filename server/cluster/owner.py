@@ -47,6 +47,9 @@ class Owner:
     config: ClusterConfig
     metrics: ClusterMetrics
     held: dict[SessionRef, Held] = attrs.field(factory=dict)
+    # Sessions whose lease was lost or given up while their runs may still
+    # be ending: the lease is not released from under them.
+    lost: dict[SessionRef, Held] = attrs.field(factory=dict)
     # Releases on their way, by session: an acquire of the same session waits.
     releasing: dict[SessionRef, trio.Event] = attrs.field(factory=dict)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
@@ -79,6 +82,9 @@ class Owner:
     def release(self, session: Session) -> None:
         """The session was dropped: give its lease back (in the background)."""
         ref = ref_of(session.key)
+        lost = self.lost.get(ref)
+        if lost is not None and lost.session is session:
+            del self.lost[ref]
         held = self.held.get(ref)
         if held is None or held.session is not session:
             return
@@ -122,6 +128,7 @@ class Owner:
         ref = held.lease.session
         if self.held.get(ref) is held:
             del self.held[ref]
+            self.lost[ref] = held
         self.metrics.owner_lost += 1
         session = held.session
         lifecycle_event("lease_lost", session=ref.session_id, token=held.lease.token, cause=why)

@@ -103,6 +103,7 @@ def _intent_json(intent: Intent) -> str:
             "from_node": intent.from_node,
             "reply_to": intent.reply_to,
             "run_id": intent.run_id,
+            "token": intent.token,
         }
     )
 
@@ -115,6 +116,7 @@ def _intent(text: str) -> Intent:
         from_node=body["from_node"],
         reply_to=body["reply_to"],
         run_id=body.get("run_id"),
+        token=body.get("token"),
     )
 
 
