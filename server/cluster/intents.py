@@ -14,6 +14,7 @@ here (or held under another token) is answered NOT_OWNER.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -147,10 +148,8 @@ class Intents:
         if intent.token is None or self.owner.holds(ref, intent.token) or ref in self.owner.lost:
             return
         lease = Lease(session=ref, node=self.owner.node, token=intent.token)
-        try:
+        with contextlib.suppress(BackendUnavailable):  # it expires by itself
             await self.owner.calls(self.owner.calls.backend.release(lease))
-        except BackendUnavailable:
-            pass  # it expires by itself
 
     async def _end_for_handover(self, held: Held, run: Run, kind: IntentKind) -> None:
         if not run.ended:
