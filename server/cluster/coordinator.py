@@ -113,6 +113,8 @@ class ClusterCoordinator:
                 with trio.move_on_after(self.config.call_timeout):
                     await releasing.wait()
             while True:
+                # The lease's ttl starts when the backend runs the call: later.
+                since = trio.current_time()
                 got = await self.calls(self.backend.acquire(ref, self.node, self.config.lease_ttl))
                 if isinstance(got, Lease):
                     self.metrics.lease_acquisitions += 1
@@ -130,11 +132,11 @@ class ClusterCoordinator:
                 handed = await self._ask_owner(ref, got, _INTENT_FOR[on_conflict])
                 if handed is not None:
                     self.metrics.handovers_received += 1
-                    lease = handed
+                    lease, since = handed
                     break
         except BackendUnavailable as exc:
             raise CoordinatorUnavailable(str(exc)) from exc
-        self.owner.hold(session, lease)
+        self.owner.hold(session, lease, since)
         granted = False
         try:
             await self._end_orphans(lease)
@@ -148,26 +150,34 @@ class ClusterCoordinator:
 
     # --- acquiring --------------------------------------------------------
 
-    async def _ask_owner(self, ref: SessionRef, holder: Holder, kind: IntentKind) -> Lease | None:
+    async def _ask_owner(
+        self, ref: SessionRef, holder: Holder, kind: IntentKind
+    ) -> tuple[Lease, float] | None:
+        """The lease handed over by ``holder`` and a time its ttl started
+        after; None: ask again."""
         reply_to = f"{self.node}:{uuid.uuid4().hex}"
         intent = Intent(
             kind=kind, session=ref, from_node=self.node, reply_to=reply_to, token=holder.token
         )
+        asked_at = trio.current_time()
         await self.calls(self.backend.send_intent(holder.node, intent))
         self.metrics.cancels_sent += 1
-        asked_at = trio.current_time()
         answered = False
         try:
-            lease = await self._await_handover(ref, holder, reply_to)
+            handed = await self._await_handover(ref, holder, reply_to, asked_at)
             answered = True
-            return lease
+            return handed
         finally:
             self.metrics.remote_wait(trio.current_time() - asked_at)
             if not answered:
                 with trio.move_on_after(self.config.cleanup_budget, shield=True):
                     await self._give_back_late_handover(ref, reply_to)
 
-    async def _await_handover(self, ref: SessionRef, holder: Holder, reply_to: str) -> Lease | None:
+    async def _await_handover(
+        self, ref: SessionRef, holder: Holder, reply_to: str, since: float
+    ) -> tuple[Lease, float] | None:
+        # ``since``: from before the latest call that saw ``holder`` still
+        # holding the session, so the handover (and its ttl) came later.
         # NOT_OWNER: the holder has no session using the lease (it gives a
         # stray lease up at once, else it expires): asking again before the
         # lease changed would only ask again and again, so wait for that.
@@ -182,16 +192,17 @@ class ClusterCoordinator:
                 )
                 if reply is not None:
                     if reply.status is ReplyStatus.DONE and reply.token is not None:
-                        return Lease(session=ref, node=self.node, token=reply.token)
+                        return Lease(session=ref, node=self.node, token=reply.token), since
                     not_owner = True
+            checked_at = trio.current_time()
             now = await self.calls(self.backend.holder(ref))
             if now is None:
                 return None  # the owner's lease expired: take it
             if now.token != holder.token:
                 if now.node == self.node:  # handed to us; its reply is on its way
-                    return Lease(session=ref, node=self.node, token=now.token)
+                    return Lease(session=ref, node=self.node, token=now.token), since
                 return None
-            holder = now
+            holder, since = now, checked_at
 
     async def _give_back_late_handover(self, ref: SessionRef, reply_to: str) -> None:
         try:

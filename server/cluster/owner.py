@@ -69,8 +69,10 @@ class Owner:
 
     # --- holding ---------------------------------------------------------------
 
-    def hold(self, session: Session, lease: Lease) -> Held:
-        held = Held(session=session, lease=lease, renewed_at=trio.current_time())
+    def hold(self, session: Session, lease: Lease, since: float) -> Held:
+        """``session`` owns ``lease``, whose ttl started no earlier than
+        ``since`` (trio clock from before the call that gave it)."""
+        held = Held(session=session, lease=lease, renewed_at=since)
         self.held[lease.session] = held
         return held
 
@@ -143,24 +145,26 @@ class Owner:
 
     async def _renew_forever(self) -> None:
         while True:
-            await trio.sleep(self.config.lease_ttl / 3)
+            await trio.sleep(self.config.renew_every)
             async with trio.open_nursery() as nursery:
                 for held in list(self.held.values()):
                     nursery.start_soon(self._renew, held)
 
     async def _watch_deadlines(self) -> None:
-        """A lease not renewed for a whole ttl may be someone else's by now
-        (it is asked for before the call, so the backend's expiry is never
-        earlier): stop its runs at that very moment, not at the next try."""
-        ttl = self.config.lease_ttl
+        """A lease not renewed for ``give_up_after`` is given up at that very
+        moment (not at the next try): its runs are cancelled then, so their
+        cleanup and the publish of their end are over before the lease can
+        expire in the shared state (whose ttl started after ``renewed_at``)
+        and another node start a run of the session."""
+        after = self.config.give_up_after
         while True:
             now = trio.current_time()
             for held in list(self.held.values()):
-                if now >= held.renewed_at + ttl:
-                    self.lose(held, "not renewed for a whole ttl")
+                if now >= held.renewed_at + after:
+                    self.lose(held, "not renewed in time")
             # A lease taken later has a later deadline than any held now.
-            deadlines = [held.renewed_at + ttl for held in self.held.values()]
-            await trio.sleep_until(min(deadlines, default=now + ttl))
+            deadlines = [held.renewed_at + after for held in self.held.values()]
+            await trio.sleep_until(min(deadlines, default=now + after))
 
     async def _renew(self, held: Held) -> None:
         if held.state is HeldState.GONE:

@@ -17,7 +17,8 @@ from server.core.result import RunResult
 from server.core.run import Run
 
 PRINCIPAL = "key-test"
-TTL = 9.0
+# Longer than the cleanup budget (5 s) and two call timeouts (2 s each).
+TTL = 12.0
 
 
 class RecordingObserver:

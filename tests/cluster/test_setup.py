@@ -17,9 +17,20 @@ def test_redis_url_and_lease_ttl_from_flags_and_environment() -> None:
     assert parse_settings([], {}).redis_url is None
     assert parse_settings([], {}).lease_ttl == 10.0
     settings = parse_settings(
-        ["--lease-ttl", "4"], {"STREAM_SERVER_REDIS_URL": "redis://127.0.0.1:6390/0"}
+        ["--lease-ttl", "6", "--cleanup-budget", "1"],
+        {"STREAM_SERVER_REDIS_URL": "redis://127.0.0.1:6390/0"},
     )
-    assert (settings.redis_url, settings.lease_ttl) == ("redis://127.0.0.1:6390/0", 4.0)
+    assert (settings.redis_url, settings.lease_ttl) == ("redis://127.0.0.1:6390/0", 6.0)
+
+
+def test_a_lease_ttl_shorter_than_cleanup_and_two_calls_exits_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_settings(["--lease-ttl", "9", "--redis-url", "redis://127.0.0.1:6390/0"], {})
+    assert exit_info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert "--lease-ttl must exceed --cleanup-budget + 2 x the 2 s call timeout (9 s here)" in line
 
 
 def test_lease_ttl_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:
@@ -49,7 +60,7 @@ async def test_a_node_opens_with_a_reachable_backend(
     monkeypatch.setattr(setup, "redis_backend", lambda settings: backend)
     async with trio.open_nursery() as nursery:
         coordinator, hosted = await setup.open_cluster(
-            Settings(redis_url="redis://x/0", lease_ttl=3), nursery
+            Settings(redis_url="redis://x/0", lease_ttl=6, cleanup_budget=1), nursery
         )
-        assert coordinator.config.lease_ttl == 3
+        assert coordinator.config.lease_ttl == 6
         hosted.stop()
