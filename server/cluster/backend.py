@@ -121,6 +121,13 @@ class BackendUnavailable(Exception):
     never this)."""
 
 
+class BackendError(Exception):
+    """The shared state answered a call with an error (a wrong key type, a
+    script error): a bug, ours or the deployment's, not an outage. It is
+    not :class:`BackendUnavailable`: the node stays ready, and an HTTP
+    request that meets it gets a logged 500 ``internal_error``."""
+
+
 class ClusterBackend(Protocol):
     """Every call is bounded by the backend's own timeout and raises
     :class:`BackendUnavailable` when it runs out or the connection fails."""

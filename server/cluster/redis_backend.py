@@ -27,8 +27,10 @@ Connections: two coredis clients, each with a pool of its own
 
 Timeouts: every call runs under ``trio.fail_after(timeout + block)`` and
 coredis' own connect/stream/pool timeouts; running out, a refused or lost
-connection, or any Redis error reply becomes
-:class:`~server.cluster.backend.BackendUnavailable`. coredis retries a
+connection, or an error reply that says Redis cannot serve now (LOADING,
+READONLY, OOM...) becomes :class:`~server.cluster.backend.BackendUnavailable`;
+any other error reply (WRONGTYPE, a script error) is a bug:
+:class:`~server.cluster.backend.BackendError`. coredis retries a
 command once on a connection error (a pooled connection that died with a
 restarted Redis), never on a timeout; the scripts are written so a retry
 after an unknown outcome is harmless (``publish`` skips events already
@@ -58,6 +60,7 @@ from coredis.commands.script import Script
 from . import redis_scripts as lua
 from .backend import (
     REPLY_TTL,
+    BackendError,
     BackendUnavailable,
     Holder,
     Intent,
@@ -76,10 +79,30 @@ READ_BATCH: Final = 1000
 T = TypeVar("T")
 
 
+# Error replies that say Redis cannot serve now (loading, a read-only
+# replica after a failover, out of memory under noeviction, a busy script):
+# an outage, not a bug.
+_UNAVAILABLE_REPLIES = (
+    "LOADING",
+    "READONLY",
+    "OOM",
+    "MASTERDOWN",
+    "BUSY",
+    "TRYAGAIN",
+    "NOREPLICAS",
+)
+
+
 def _is_outage(error: BaseException) -> bool:
-    """A Redis error, a refused/lost connection or a timeout (all of a group)."""
+    """A refused/lost connection, a timeout, or an error reply that says
+    Redis cannot serve now (all of a group). Other error replies (WRONGTYPE,
+    a script error) are bugs: :class:`BackendError`."""
     if isinstance(error, BaseExceptionGroup):
         return all(_is_outage(inner) for inner in error.exceptions)
+    if isinstance(error, coredis.exceptions.ResponseError):
+        return str(error).startswith(_UNAVAILABLE_REPLIES) or isinstance(
+            error, coredis.exceptions.BusyLoadingError | coredis.exceptions.ReadOnlyError
+        )
     return isinstance(error, coredis.exceptions.RedisError | OSError | TimeoutError)
 
 
@@ -213,6 +236,10 @@ class RedisBackend:
                 return await call()
         except trio.TooSlowError as error:
             raise BackendUnavailable(f"redis did not answer within {self.timeout}s") from error
+        except coredis.exceptions.ResponseError as error:
+            if not _is_outage(error):
+                raise BackendError(f"redis answered an error: {error}") from error
+            raise BackendUnavailable(f"redis: {error!r}") from error
         except (coredis.exceptions.RedisError, OSError) as error:  # OSError: TimeoutError too
             raise BackendUnavailable(f"redis: {error!r}") from error
         except ExceptionGroup as group:

@@ -36,6 +36,9 @@ from .streaming import RunStream, StreamResponse
 
 RECENT_RUNS = 10
 SEQ = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
+# What server.core.run.new_run_id makes. Anything else is no run of ours and
+# never reaches the shared state (a run id is part of its key names).
+RUN_ID = re.compile(r"run_[0-9a-f]{32}")
 
 
 def run_json(result: RunResult) -> dict[str, Any]:
@@ -78,6 +81,8 @@ def parse_after(run_id: str) -> int:
 def install_run_routes(app: QuartTrio, state: AppState) -> None:
     def lookup(run_id: str) -> tuple[str, Run | Gone | None]:
         principal = state.keyring.authenticate(request.headers.get("Authorization"))
+        if not RUN_ID.fullmatch(run_id):
+            raise ApiError(404, "run_not_found", "No such run.")
         return principal, state.running_manager().runs.lookup(principal, run_id)
 
     def find_run(run_id: str) -> Run:
