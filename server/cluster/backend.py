@@ -198,9 +198,11 @@ class ClusterBackend(Protocol):
 
     async def read_intents(
         self, node: str, after: str, *, block: float
-    ) -> list[tuple[str, Intent]]:
+    ) -> list[tuple[str, Intent | None]]:
         """Intents in ``node``'s inbox after position ``after`` ("0": from the
-        start), with their positions; waits up to ``block`` seconds for one."""
+        start), with their positions; waits up to ``block`` seconds for one.
+        An entry that is no intent (malformed) is logged and comes as None:
+        its position still counts, so the next read goes past it."""
 
     async def reply(self, reply_to: str, reply: Reply) -> None:
         """Answer an intent (durable for :data:`REPLY_TTL`)."""

@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Longest pause between retries of a call the backend could not take.
+# Shortest and longest pause between retries of a call that failed.
+MIN_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
 # A blocking read of the inbox waits this long per call.
 INBOX_BLOCK = 1.0
@@ -49,7 +50,7 @@ class Intents:
         busy or cut off is missed) and answer each intent in a task of its
         own in ``nursery``: a slow cleanup holds up no other session."""
         after = "0"
-        backoff = 0.05
+        backoff = MIN_BACKOFF
         while True:
             try:
                 batch = await self.owner.calls(
@@ -58,14 +59,18 @@ class Intents:
                     ),
                     block=INBOX_BLOCK,
                 )
-            except BackendUnavailable:
+            except Exception as exc:
+                # Redis away, or a bug: this node must go on reading either way.
+                if not isinstance(exc, BackendUnavailable):
+                    logger.exception("reading the inbox failed; trying again")
                 await trio.sleep(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 continue
-            backoff = 0.05
+            backoff = MIN_BACKOFF
             for position, intent in batch:
                 after = position
-                nursery.start_soon(self._answer, intent)
+                if intent is not None:  # a malformed entry is skipped (logged)
+                    nursery.start_soon(self._answer, intent)
 
     async def _answer(self, intent: Intent) -> None:
         """Answer one intent. Error handling: a failure here is logged and

@@ -309,13 +309,15 @@ class MemoryBackend:
 
     async def read_intents(
         self, node: str, after: str, *, block: float
-    ) -> list[tuple[str, Intent]]:
+    ) -> list[tuple[str, Intent | None]]:
         self._check()
         position = int(after)
         inbox = self._inboxes.setdefault(node, _Inbox())
         with trio.move_on_after(block):
             while True:
-                fresh = [(str(at), intent) for at, intent in inbox.entries if at > position]
+                fresh: list[tuple[str, Intent | None]] = [
+                    (str(at), intent) for at, intent in inbox.entries if at > position
+                ]
                 if fresh:
                     return fresh
                 await inbox.changed.wait()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -34,7 +35,7 @@ from .backend import (
     SessionRef,
 )
 from .held import Calls, ClusterConfig, ClusterMetrics, Held, HeldState, Mirror, ref_of
-from .intents import MAX_BACKOFF, Intents
+from .intents import MAX_BACKOFF, MIN_BACKOFF, Intents
 from .records import record_of
 
 logger = logging.getLogger(__name__)
@@ -143,12 +144,29 @@ class Owner:
 
     # --- renewal ----------------------------------------------------------------
 
-    async def _renew_forever(self) -> None:
+    async def _forever(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        """``step`` again and again. Error handling: an unexpected error (a
+        bug) is logged and the loop goes on after a pause (bounded,
+        doubling): one bad turn never ends the node."""
+        backoff = MIN_BACKOFF
         while True:
-            await trio.sleep(self.config.renew_every)
-            async with trio.open_nursery() as nursery:
-                for held in list(self.held.values()):
-                    nursery.start_soon(self._renew, held)
+            try:
+                await step()
+            except Exception:
+                logger.exception("%s failed; going on", what)
+                await trio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+            else:
+                backoff = MIN_BACKOFF
+
+    async def _renew_forever(self) -> None:
+        await self._forever("renewing leases", self._renew_all)
+
+    async def _renew_all(self) -> None:
+        await trio.sleep(self.config.renew_every)
+        async with trio.open_nursery() as nursery:
+            for held in list(self.held.values()):
+                nursery.start_soon(self._renew, held)
 
     async def _watch_deadlines(self) -> None:
         """A lease not renewed for ``give_up_after`` is given up at that very
@@ -156,15 +174,17 @@ class Owner:
         cleanup and the publish of their end are over before the lease can
         expire in the shared state (whose ttl started after ``renewed_at``)
         and another node start a run of the session."""
+        await self._forever("watching lease deadlines", self._give_up_late_leases)
+
+    async def _give_up_late_leases(self) -> None:
         after = self.config.give_up_after
-        while True:
-            now = trio.current_time()
-            for held in list(self.held.values()):
-                if now >= held.renewed_at + after:
-                    self.lose(held, "not renewed in time")
-            # A lease taken later has a later deadline than any held now.
-            deadlines = [held.renewed_at + after for held in self.held.values()]
-            await trio.sleep_until(min(deadlines, default=now + after))
+        now = trio.current_time()
+        for held in list(self.held.values()):
+            if now >= held.renewed_at + after:
+                self.lose(held, "not renewed in time")
+        # A lease taken later has a later deadline than any held now.
+        deadlines = [held.renewed_at + after for held in self.held.values()]
+        await trio.sleep_until(min(deadlines, default=now + after))
 
     async def _renew(self, held: Held) -> None:
         if held.state is HeldState.GONE:
@@ -180,7 +200,11 @@ class Owner:
                 )
             )
         except BackendUnavailable:
-            return  # tried again in ttl/3; _watch_deadlines gives up in time
+            return  # tried again soon; _watch_deadlines gives up in time
+        except Exception:
+            # A bug: logged; the other sessions' renewals go on.
+            logger.exception("renewing the lease of %s failed", held.lease.session)
+            return
         if renewed:
             held.renewed_at = asked_at
         elif self.lose(held, "renewal refused"):

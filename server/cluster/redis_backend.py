@@ -45,6 +45,7 @@ same task, which owns those connection tasks.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -77,6 +78,8 @@ from .redis_clients import DEFAULT_MAX_BLOCKING, DEFAULT_TIMEOUT, MAX_BLOCK, cli
 READ_BATCH: Final = 1000
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 
 # Error replies that say Redis cannot serve now (loading, a read-only
@@ -129,6 +132,15 @@ def _intent_json(intent: Intent) -> str:
             "token": intent.token,
         }
     )
+
+
+def _parsed_intent(entry: Any) -> Intent | None:
+    """One inbox entry's intent; None (logged) if it is none."""
+    try:
+        return _intent(entry.field_values["i"])
+    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        logger.error("a malformed intent %s skipped: %r", entry.identifier, exc)
+        return None
 
 
 def _intent(text: str) -> Intent:
@@ -370,13 +382,13 @@ class RedisBackend:
 
     async def read_intents(
         self, node: str, after: str, *, block: float
-    ) -> list[tuple[str, Intent]]:
+    ) -> list[tuple[str, Intent | None]]:
         inbox = self.keys.inbox(node)
         entries = await self._read_stream(inbox, after, block)
         if entries:
             ttl = lua.milliseconds(lua.INBOX_TTL)
             await self._call(lambda: self._commands.pexpire(inbox, ttl))
-        return [(str(entry.identifier), _intent(entry.field_values["i"])) for entry in entries]
+        return [(str(entry.identifier), _parsed_intent(entry)) for entry in entries]
 
     async def reply(self, reply_to: str, reply: Reply) -> None:
         body = {"status": reply.status.value, "token": reply.token, "record": reply.record}
