@@ -220,8 +220,11 @@ class Owner:
             return
         mirror = Mirror(run)
         held.mirrors[run.run_id] = mirror
-        # Opened now, so the session is not idle before the terminal event is out.
-        subscription = run.subscribe().open()
+        # Not one of the run's readers (their limit is the clients'); the
+        # session is kept busy from now, so it is not idle (nor its lease
+        # released) before the terminal event is out.
+        subscription = run.subscribe(counted=False)
+        session.mirror_started()
         session.nursery.start_soon(self._mirror, held, mirror, subscription)
 
     async def wait_mirrored(self, run: Run) -> None:
@@ -265,6 +268,7 @@ class Owner:
                         if pending:
                             await self._publish_once(held, run, pending)
             finally:
+                held.session.mirror_ended()
                 held.mirrors.pop(run.run_id, None)
                 mirror.first_published.set()  # nothing more to wait for
                 mirror.done.set()
