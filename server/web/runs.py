@@ -133,7 +133,7 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
         ndjson = "application/x-ndjson" in request.headers.get("Accept", "")
         encoder = NativeNdjsonEncoder() if ndjson else NativeSseEncoder()
         frames = remote_frames(
-            state.cluster, run_id, after, encoder, state.settings.heartbeat_interval
+            state.cluster, principal, run_id, after, encoder, state.settings.heartbeat_interval
         )
         headers = {"X-Run-Id": run_id, "X-Session-Id": record["session_id"]}
         return remote_stream_response(app.response_class, frames, encoder, headers)
