@@ -9,8 +9,8 @@ import trio
 import trio.testing
 
 from server.cluster.memory import MemoryBackend
-from server.wire import NativeNdjsonEncoder
 from server.web.remote_stream import remote_frames
+from server.wire import NativeNdjsonEncoder
 from tests.cluster.nodes import PRINCIPAL, TTL, start_node
 from tests.cluster.test_failures import scripted
 
