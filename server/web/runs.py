@@ -29,7 +29,7 @@ from ..store import StoreError
 from ..wire import NativeNdjsonEncoder, NativeSseEncoder
 from ..wire.native import usage_dict
 from .errors import ApiError
-from .remote_stream import remote_frames, remote_stream_response
+from .remote_stream import RemoteStream
 from .requests import parse_session_id
 from .state import AppState
 from .streaming import RunStream, StreamResponse
@@ -132,11 +132,17 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
         assert record is not None
         ndjson = "application/x-ndjson" in request.headers.get("Accept", "")
         encoder = NativeNdjsonEncoder() if ndjson else NativeSseEncoder()
-        frames = remote_frames(
-            state.cluster, principal, run_id, after, encoder, state.settings.heartbeat_interval
+        stream = RemoteStream(
+            state.cluster,
+            principal,
+            run_id,
+            record["session_id"],
+            encoder,
+            state.settings.heartbeat_interval,
+            after=after,
         )
         headers = {"X-Run-Id": run_id, "X-Session-Id": record["session_id"]}
-        return remote_stream_response(app.response_class, frames, encoder, headers)
+        return StreamResponse(stream, headers)
 
     @app.get("/v1/runs/<run_id>/events")
     async def run_events(run_id: str) -> Response:  # noqa: ASYNC124
