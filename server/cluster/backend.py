@@ -179,6 +179,13 @@ class ClusterBackend(Protocol):
         and write ``record``, unless the run already has a terminal event.
         Fenced by ``lease`` (the new owner's). True if it wrote."""
 
+    async def end_orphan_unleased(
+        self, session: SessionRef, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
+    ) -> bool:
+        """:meth:`end_orphan` for a reader, who takes no lease: only if
+        nobody holds ``session``'s lease (its owner's expired), in the same
+        atomic step. True if it wrote."""
+
     async def run_record(self, run_id: str) -> dict[str, Any] | None:
         """A run's record (within retention), whoever owns it."""
 

@@ -28,7 +28,6 @@ Errors: a backend that cannot be reached (or does not answer within
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -330,18 +329,21 @@ class ClusterCoordinator:
 
     async def _settle_orphans(self, ref: SessionRef) -> None:
         """End the session's orphans if nobody holds it (whoever does ended
-        them when it took the lease)."""
-        got = await self.calls(self.backend.acquire(ref, self.node, self.config.lease_ttl))
-        if isinstance(got, Lease):
-            try:
-                await self._end_orphans(got)
-            finally:
-                # A release that fails leaves a lease that expires by itself.
-                with (
-                    trio.move_on_after(self.config.call_timeout, shield=True),
-                    contextlib.suppress(BackendUnavailable),
-                ):
-                    await self.calls(self.backend.release(got))
+        them when it took the lease). A read takes no lease: each orphan is
+        ended in one step that checks nobody holds the session (a prompt
+        elsewhere meanwhile is neither delayed nor refused)."""
+        for record in await self.calls(self.backend.session_runs(ref, ORPHAN_SCAN)):
+            if record.get("status") != "running":
+                continue
+            terminal, ended = orphan_ending(record)
+            run_id = record["run_id"]
+            if await self.calls(self.backend.end_orphan_unleased(ref, run_id, terminal, ended)):
+                self.metrics.orphans_ended += 1
+                logger.info(
+                    "orphan_ended trace=%s owner=%s reason=owner_lost",
+                    run_id,
+                    record.get("node"),
+                )
 
 
 _TERMINAL_TYPES = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})

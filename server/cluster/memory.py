@@ -250,10 +250,24 @@ class MemoryBackend:
         await trio.lowlevel.checkpoint()
         if self._holds(lease) is None:
             return False
+        return self._end_orphan(lease.session, run_id, terminal, record)
+
+    async def end_orphan_unleased(
+        self, session: SessionRef, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
+    ) -> bool:
+        self._check()
+        await trio.lowlevel.checkpoint()
+        if self._lease(session) is not None:
+            return False
+        return self._end_orphan(session, run_id, terminal, record)
+
+    def _end_orphan(
+        self, session: SessionRef, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
+    ) -> bool:
         row = self._run(run_id)
         if row is None:
-            row = self._runs[run_id] = _RunRow(lease_session=lease.session)
-            self._remember(lease.session, run_id)
+            row = self._runs[run_id] = _RunRow(lease_session=session)
+            self._remember(session, run_id)
         if row.ended:
             return False
         self._append(row, {**terminal, "seq": row.last_seq + 1}, max_events=2**31)

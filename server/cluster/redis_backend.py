@@ -338,16 +338,37 @@ class RedisBackend:
     async def end_orphan(
         self, lease: Lease, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
     ) -> bool:
+        return await self._end_orphan_if(lease.session, lease.token, run_id, terminal, record)
+
+    async def end_orphan_unleased(
+        self, session: SessionRef, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
+    ) -> bool:
+        return await self._end_orphan_if(session, "", run_id, terminal, record)
+
+    async def _end_orphan_if(
+        self,
+        session: SessionRef,
+        token: int | str,
+        run_id: str,
+        terminal: dict[str, Any],
+        record: dict[str, Any],
+    ) -> bool:
         event = {key: value for key, value in terminal.items() if key != "seq"}
+        keys = [
+            self.keys.lease(session),
+            self.keys.events(run_id),
+            self.keys.run(run_id),
+            self.keys.session_runs(session),
+        ]
         args = [
-            lease.token,
+            token,
             json.dumps(event),
             json.dumps(record),
             lua.milliseconds(max(self.retain_seconds, lua.MIN_RETAIN)),
             _created_at(record),
             run_id,
         ]
-        seq = await self._script(self._end_orphan, self._run_keys(lease, run_id), args)
+        seq = await self._script(self._end_orphan, keys, args)
         return int(seq) >= 0
 
     async def forget_run(self, lease: Lease, run_id: str) -> bool:

@@ -225,12 +225,15 @@ return 1
 )
 
 # KEYS lease, events, record, session runs;
-# ARGV token, terminal json, record json, retain_ms, created_at, run_id
-# -> the terminal's seq, or -1 (not the lease holder), -2 (already ended).
+# ARGV token ("": only if nobody holds the lease), terminal json, record
+# json, retain_ms, created_at, run_id
+# -> the terminal's seq, or -1 (not the lease holder / held), -2 (already ended).
 END_ORPHAN = (
     _LAST_EVENT
     + """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return -1 end
+if ARGV[1] == '' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+elseif redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return -1 end
 local last, ended = last_event(KEYS[2])
 if ended then return -2 end
 local seq = last + 1
