@@ -100,6 +100,21 @@ class Intent:
     token: int | None = None
 
 
+class Published(enum.Enum):
+    """What :meth:`ClusterBackend.publish` did. True only for ``WRITTEN``."""
+
+    WRITTEN = "written"
+    # The lease no longer holds the session (Rule 3): nothing written, and
+    # nothing more will be for that lease.
+    LEASE_LOST = "lease_lost"
+    # The run already has its terminal event (Rule 4), so new events or a
+    # record alone are refused (nothing written); the lease is not in doubt.
+    ENDED = "ended"
+
+    def __bool__(self) -> bool:
+        return self is Published.WRITTEN
+
+
 class ReplyStatus(enum.StrEnum):
     DONE = "done"  # done as asked; for a handover ``token`` is the asker's lease
     NOT_OWNER = "not_owner"  # the addressee no longer owns the session: ask again
@@ -163,13 +178,16 @@ class ClusterBackend(Protocol):
         record: dict[str, Any] | None = None,
         max_events: int,
         retain_seconds: float,
-    ) -> bool:
+    ) -> Published:
         """Append ``events`` (consecutive ``seq``, continuing the run's
         stream) and, if given, replace the run's record, fenced by
         ``lease``. A terminal event in ``events`` starts the retention
         clock of the stream and the record (``retain_seconds``); the stream
-        keeps at most ``max_events`` entries. False (nothing written) if
-        ``lease`` no longer holds the session."""
+        keeps at most ``max_events`` entries. Events the stream already has
+        are skipped (a retry appends nothing twice). ``LEASE_LOST`` if
+        ``lease`` no longer holds the session; ``ENDED`` if the run already
+        ended and there is something new (events, or only a record) to
+        write; nothing is written then. :class:`ValueError` for a gap."""
 
     async def end_orphan(
         self, lease: Lease, run_id: str, terminal: dict[str, Any], record: dict[str, Any]

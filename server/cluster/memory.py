@@ -34,6 +34,7 @@ from .backend import (
     Holder,
     Intent,
     Lease,
+    Published,
     Reply,
     SessionRef,
 )
@@ -58,6 +59,8 @@ class _LeaseRow:
     expires_at: float
     busy: bool = True
     run_id: str | None = None
+    # The token this lease was handed over from (a retried hand_over).
+    prev: int | None = None
 
 
 @attrs.define(eq=False)
@@ -180,8 +183,14 @@ class MemoryBackend:
         self._check()
         await trio.lowlevel.checkpoint()
         if self._holds(lease) is None:
+            row = self._lease(lease.session)
+            if row is not None and row.prev == lease.token and row.node == to_node:
+                # It already happened (a retry after a lost answer): the same lease.
+                return Lease(session=lease.session, node=to_node, token=row.token)
             return None
-        return self._new_lease(lease.session, to_node, ttl)
+        handed = self._new_lease(lease.session, to_node, ttl)
+        self._leases[lease.session].prev = lease.token
+        return handed
 
     # --- runs -------------------------------------------------------------
 
@@ -219,21 +228,25 @@ class MemoryBackend:
         record: dict[str, Any] | None = None,
         max_events: int,
         retain_seconds: float,
-    ) -> bool:
+    ) -> Published:
         self._check()
         await trio.lowlevel.checkpoint()
+        seqs = [int(event["seq"]) for event in events]
+        if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+            raise ValueError(f"events of run {run_id} are not consecutive: {seqs}")
         if self._holds(lease) is None:
-            return False
+            return Published.LEASE_LOST
         row = self._run(run_id)
+        # A retried publish may repeat events already in: those are skipped.
+        last_seq = -1 if row is None else row.last_seq
+        fresh = [event for event in events if int(event["seq"]) > last_seq]
+        if row is not None and row.ended and (fresh or not events):
+            return Published.ENDED  # Rule 4 (a record alone, too)
+        if fresh and int(fresh[0]["seq"]) != last_seq + 1:
+            raise ValueError(f"events of run {run_id} leave a gap at {last_seq + 1}")
         if row is None:
             row = self._runs[run_id] = _RunRow(lease_session=lease.session)
             self._remember(lease.session, run_id)
-        # A retried publish may repeat events already in: those are skipped.
-        fresh = [event for event in events if int(event["seq"]) > row.last_seq]
-        if fresh and int(fresh[0]["seq"]) != row.last_seq + 1:
-            raise ValueError(f"events of run {run_id} leave a gap at {row.last_seq + 1}")
-        if row.ended and fresh:
-            raise ValueError(f"events of run {run_id} after its terminal event")  # Rule 4
         for event in fresh:
             self._append(row, event, max_events)
             if _terminal(event):
@@ -241,7 +254,7 @@ class MemoryBackend:
         if record is not None:
             row.record = copy.deepcopy(record)
         row.wake()
-        return True
+        return Published.WRITTEN
 
     async def end_orphan(
         self, lease: Lease, run_id: str, terminal: dict[str, Any], record: dict[str, Any]

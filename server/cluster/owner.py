@@ -32,6 +32,7 @@ from ..wire.native import event_dict
 from .backend import (
     BackendUnavailable,
     Lease,
+    Published,
     SessionRef,
 )
 from .held import Calls, ClusterConfig, ClusterMetrics, Held, HeldState, Mirror, ref_of
@@ -277,7 +278,9 @@ class Owner:
         self, held: Held, run: Run, events: list[dict[str, object]], *, with_record: bool
     ) -> bool:
         """Publish ``events`` (retrying while the backend is away and the
-        lease still ours); False once the lease is lost."""
+        lease still ours); False once the lease is lost, or if the run's end
+        is already in the shared state (nothing more can be written for it;
+        the lease is not in doubt)."""
         backoff = 0.05
         while held.state is not HeldState.GONE:
             record = record_of(run, node=self.node, token=held.lease.token) if with_record else None
@@ -296,9 +299,12 @@ class Owner:
                 await trio.sleep(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 continue
-            if not published:
+            if published is Published.LEASE_LOST:
                 if self.lose(held, "publish refused"):
                     self.metrics.fenced_writes_refused += 1
+                return False
+            if published is Published.ENDED:
+                logger.warning("run %s already ended in the shared state", run.run_id)
                 return False
             return True
         return False
@@ -318,5 +324,5 @@ class Owner:
             )
         except BackendUnavailable:
             return
-        if not published:
+        if published is Published.LEASE_LOST:
             self.metrics.fenced_writes_refused += 1

@@ -67,6 +67,7 @@ from .backend import (
     Intent,
     IntentKind,
     Lease,
+    Published,
     Reply,
     ReplyStatus,
     SessionRef,
@@ -312,9 +313,8 @@ class RedisBackend:
         record: dict[str, Any] | None = None,
         max_events: int,
         retain_seconds: float,
-    ) -> bool:
-        """See the protocol; also False after the run's terminal event (Rule
-        4), and ValueError when ``events`` do not continue the stream."""
+    ) -> Published:
+        """See the protocol."""
         seqs = [int(event["seq"]) for event in events]
         if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
             raise ValueError(f"events of run {run_id} are not consecutive: {seqs}")
@@ -333,7 +333,7 @@ class RedisBackend:
         result = await self._script(self._publish, self._run_keys(lease, run_id), args)
         if result == -1:
             raise ValueError(f"events of run {run_id} from seq {seqs[0]} leave a gap")
-        return bool(result == 1)
+        return {1: Published.WRITTEN, 2: Published.ENDED}.get(int(result), Published.LEASE_LOST)
 
     async def end_orphan(
         self, lease: Lease, run_id: str, terminal: dict[str, Any], record: dict[str, Any]

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from server.cluster.backend import ClusterBackend, Lease, SessionRef
+from server.cluster.backend import ClusterBackend, Lease, Published, SessionRef
 from server.cluster.memory import MemoryBackend
 
 S = SessionRef(principal="alice", session_id="s1")
@@ -63,3 +63,46 @@ async def test_end_orphan_unleased_only_while_nobody_holds_the_session(
     # Already ended: nothing more.
     assert not await backend.end_orphan_unleased(S, "r1", orphan, record("failed"))
     assert len(await backend.run_events("r1", -1, block=0)) == 3
+
+
+async def test_publish_says_lease_lost_or_ended_and_writes_nothing(
+    backend: ClusterBackend,
+) -> None:
+    lease = await taken(backend)
+    done = record("completed")
+    events = [event(0, "run.started"), event(1, "run.completed")]
+    published = await backend.publish(
+        lease, "r1", events, record=done, max_events=100, retain_seconds=RETAIN
+    )
+    assert published is Published.WRITTEN
+    # A retry of what is in: written (nothing appended twice).
+    retried = await backend.publish(
+        lease, "r1", events[1:], record=done, max_events=100, retain_seconds=RETAIN
+    )
+    assert retried is Published.WRITTEN
+    after = await backend.publish(
+        lease, "r1", [event(2)], record=None, max_events=100, retain_seconds=RETAIN
+    )
+    assert after is Published.ENDED
+    only_record = await backend.publish(
+        lease, "r1", [], record=record("failed"), max_events=100, retain_seconds=RETAIN
+    )
+    assert only_record is Published.ENDED
+    assert await backend.run_record("r1") == done
+    assert len(await backend.run_events("r1", -1, block=0)) == 2
+    assert await backend.release(lease)
+    lost = await backend.publish(
+        lease, "r2", [event(0, "run.started")], max_events=100, retain_seconds=RETAIN
+    )
+    assert lost is Published.LEASE_LOST
+    assert await backend.run_record("r2") is None
+
+
+async def test_a_retried_hand_over_answers_the_same_lease(backend: ClusterBackend) -> None:
+    lease = await taken(backend)
+    handed = await backend.hand_over(lease, "B", TTL)
+    assert handed is not None and handed.node == "B"
+    assert await backend.hand_over(lease, "B", TTL) == handed
+    assert await backend.hand_over(lease, "C", TTL) is None  # not to another node
+    assert await backend.renew(handed, TTL, busy=False, run_id=None)
+    assert await backend.hand_over(lease, "B", TTL) == handed
