@@ -87,6 +87,14 @@ class ClusterConfig:
         return self.lease_ttl - self.cleanup_budget - self.call_timeout
 
     @property
+    def stop_budget(self) -> float:
+        """Seconds a stopping node gives its runs' ends to be published (a
+        run cancelled as it stops ends within its cleanup budget, and may
+        have been cancelled just before: twice that, then one publish);
+        its leases are released after that, bounded by a call."""
+        return 2 * self.cleanup_budget + self.call_timeout
+
+    @property
     def renew_every(self) -> float:
         """Three tries of a renewal before :attr:`give_up_after`."""
         return self.give_up_after / 3

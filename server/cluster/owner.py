@@ -66,7 +66,9 @@ class Owner:
                 task_status.started()
         finally:
             self._nursery = None
-            with trio.move_on_after(self.config.cleanup_budget, shield=True):
+            # The mirrors' bound, then the releases' (one call).
+            bound = self.config.stop_budget + self.config.call_timeout
+            with trio.move_on_after(bound, shield=True):
                 await self._release_all()
 
     # --- holding ---------------------------------------------------------------
@@ -114,14 +116,23 @@ class Owner:
                 del self.releasing[held.lease.session]
 
     async def _release_all(self) -> None:
-        for held in list(self.held.values()):
-            for mirror in list(held.mirrors.values()):
-                await mirror.done.wait()
-            if held.state is HeldState.HELD:
-                held.state = HeldState.GONE
-                with contextlib.suppress(BackendUnavailable):  # it expires by itself
-                    await self.calls(self.calls.backend.release(held.lease))
+        """Once every run's end is published (each mirror bounds its own
+        wait by ``stop_budget``), release every lease still held, at once."""
+        helds = list(self.held.values())
         self.held.clear()
+        with trio.move_on_after(self.config.stop_budget):
+            for held in helds:
+                for mirror in list(held.mirrors.values()):
+                    await mirror.done.wait()
+        async with trio.open_nursery() as nursery:
+            for held in helds:
+                if held.state is HeldState.HELD:
+                    held.state = HeldState.GONE
+                    nursery.start_soon(self._release_one, held)
+
+    async def _release_one(self, held: Held) -> None:
+        with contextlib.suppress(BackendUnavailable):  # it expires by itself
+            await self.calls(self.calls.backend.release(held.lease))
 
     def lose(self, held: Held, why: str) -> bool:
         """The lease is no longer ours: stop the session's runs here.
@@ -262,8 +273,7 @@ class Owner:
                 if not mirror.terminal_published and held.state is not HeldState.GONE:
                     # Cancelled (the node is stopping): the run ends within its
                     # cleanup budget; publish how, once, bounded.
-                    budget = 2 * self.config.cleanup_budget + self.config.call_timeout
-                    with trio.move_on_after(budget, shield=True):
+                    with trio.move_on_after(self.config.stop_budget, shield=True):
                         await run.wait_ended()
                         pending += [event_dict(event) for event in subscription.take()]
                         if pending:
