@@ -28,7 +28,8 @@ Rule 5: intents are durable: a message sent to a node's inbox stays there
 
 Values cross the seam as plain JSON-able dicts for events and run records
 (the native event shape of :func:`server.wire.native.event_dict`), so a
-backend never imports the engine's classes.
+backend never imports the engine's classes; it knows a terminal event by
+its type, one of :data:`TERMINAL_TYPES` (derived from the event classes).
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import attrs
+
+from ..core.events import TERMINAL_TYPES as TERMINAL_TYPES
 
 # Seconds a reply stays readable after it was written.
 REPLY_TTL = 60.0

@@ -40,6 +40,7 @@ from ..core.errors import CoordinatorUnavailable, RunInProgress
 from ..core.run import Run
 from ..core.session import OnConflict, Session, SessionKey
 from .backend import (
+    TERMINAL_TYPES,
     BackendUnavailable,
     ClusterBackend,
     Holder,
@@ -288,7 +289,7 @@ class ClusterCoordinator:
             if batch:
                 after = int(batch[-1]["seq"])
                 yield batch
-                if batch[-1].get("type") in _TERMINAL_TYPES:
+                if batch[-1].get("type") in TERMINAL_TYPES:
                     return
 
     async def stop_run(self, principal: str, run_id: str) -> dict[str, Any] | None:
@@ -344,6 +345,3 @@ class ClusterCoordinator:
                     run_id,
                     record.get("node"),
                 )
-
-
-_TERMINAL_TYPES = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})

@@ -30,6 +30,7 @@ import trio
 
 from .backend import (
     REPLY_TTL,
+    TERMINAL_TYPES,
     BackendUnavailable,
     Holder,
     Intent,
@@ -44,12 +45,7 @@ SESSION_RUNS_KEPT = 100
 
 
 def _terminal(event: dict[str, Any]) -> bool:
-    return str(event.get("type", "")) in (
-        "run.completed",
-        "run.cancelled",
-        "run.interrupted",
-        "run.failed",
-    )
+    return event.get("type") in TERMINAL_TYPES
 
 
 @attrs.define(eq=False)

@@ -61,6 +61,7 @@ from coredis.commands.script import Script
 from . import redis_scripts as lua
 from .backend import (
     REPLY_TTL,
+    TERMINAL_TYPES,
     BackendError,
     BackendUnavailable,
     Holder,
@@ -328,7 +329,7 @@ class RedisBackend:
             run_id,
         ]
         for seq, event in zip(seqs, events, strict=True):
-            terminal = "1" if event.get("type") in lua.TERMINAL_TYPES else "0"
+            terminal = "1" if event.get("type") in TERMINAL_TYPES else "0"
             args += [seq, terminal, json.dumps(event)]
         result = await self._script(self._publish, self._run_keys(lease, run_id), args)
         if result == -1:

@@ -49,11 +49,6 @@ LIVE_RUN_TTL: Final = 86_400.0
 # The retention clock never runs shorter than this, so a reader following a
 # run live still finds its terminal event (--retain-seconds 0).
 MIN_RETAIN: Final = 1.0
-# Event types that end a run (server.core.events' terminal types; the
-# seam passes events as dicts, so the backend knows them by name).
-TERMINAL_TYPES: Final = frozenset(
-    {"run.completed", "run.cancelled", "run.interrupted", "run.failed"}
-)
 
 
 class Keys:

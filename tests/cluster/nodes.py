@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 import trio
 
+from server.cluster.backend import TERMINAL_TYPES
 from server.cluster.coordinator import ClusterCoordinator
 from server.cluster.held import ClusterConfig
 from server.cluster.memory import MemoryBackend, MemoryLink
@@ -84,9 +85,6 @@ async def start_node(
     )
     await nursery.start(manager.serve)
     return Node(name, manager, coordinator, link, observer)
-
-
-TERMINAL_TYPES = {"run.completed", "run.cancelled", "run.interrupted", "run.failed"}
 
 
 def terminals(backend: MemoryBackend, run_id: str) -> list[dict[str, Any]]:
