@@ -44,6 +44,8 @@ from ..core.events import TERMINAL_TYPES as TERMINAL_TYPES
 
 # Seconds a reply stays readable after it was written.
 REPLY_TTL = 60.0
+# A session's list of runs keeps the ids of this many newest runs.
+SESSION_RUNS_KEPT = 100
 
 
 @attrs.frozen(kw_only=True)

@@ -30,6 +30,7 @@ import trio
 
 from .backend import (
     REPLY_TTL,
+    SESSION_RUNS_KEPT,
     TERMINAL_TYPES,
     BackendUnavailable,
     Holder,
@@ -41,7 +42,6 @@ from .backend import (
 )
 
 INBOX_MAX = 10_000
-SESSION_RUNS_KEPT = 100
 
 
 def _terminal(event: dict[str, Any]) -> bool:

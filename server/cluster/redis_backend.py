@@ -327,6 +327,7 @@ class RedisBackend:
             "" if record is None else json.dumps(record),
             _created_at(record) if record is not None else 0,
             run_id,
+            lua.SESSION_RUNS_KEPT,
         ]
         for seq, event in zip(seqs, events, strict=True):
             terminal = "1" if event.get("type") in TERMINAL_TYPES else "0"
@@ -368,6 +369,7 @@ class RedisBackend:
             lua.milliseconds(max(self.retain_seconds, lua.MIN_RETAIN)),
             _created_at(record),
             run_id,
+            lua.SESSION_RUNS_KEPT,
         ]
         seq = await self._script(self._end_orphan, keys, args)
         return int(seq) >= 0

@@ -8,7 +8,13 @@ from typing import Any
 
 import pytest
 
-from server.cluster.backend import ClusterBackend, Lease, Published, SessionRef
+from server.cluster.backend import (
+    SESSION_RUNS_KEPT,
+    ClusterBackend,
+    Lease,
+    Published,
+    SessionRef,
+)
 from server.cluster.memory import MemoryBackend
 
 S = SessionRef(principal="alice", session_id="s1")
@@ -106,3 +112,15 @@ async def test_a_retried_hand_over_answers_the_same_lease(backend: ClusterBacken
     assert await backend.hand_over(lease, "C", TTL) is None  # not to another node
     assert await backend.renew(handed, TTL, busy=False, run_id=None)
     assert await backend.hand_over(lease, "B", TTL) == handed
+
+
+async def test_a_session_keeps_its_newest_runs(backend: ClusterBackend) -> None:
+    lease = await taken(backend)
+    for n in range(SESSION_RUNS_KEPT + 3):
+        rec = {**record(), "run_id": f"r{n}", "created_at": float(n)}
+        started = {**event(0, "run.started"), "run_id": f"r{n}"}
+        assert await backend.publish(
+            lease, f"r{n}", [started], record=rec, max_events=10, retain_seconds=RETAIN
+        )
+    kept = await backend.session_runs(S, 2 * SESSION_RUNS_KEPT)
+    assert [r["run_id"] for r in kept] == [f"r{n}" for n in range(SESSION_RUNS_KEPT + 2, 2, -1)]
