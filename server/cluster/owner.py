@@ -291,20 +291,10 @@ class Owner:
         lease still ours); False once the lease is lost, or if the run's end
         is already in the shared state (nothing more can be written for it;
         the lease is not in doubt)."""
-        backoff = 0.05
+        backoff = MIN_BACKOFF
         while held.state is not HeldState.GONE:
-            record = record_of(run, node=self.node, token=held.lease.token) if with_record else None
             try:
-                published = await self.calls(
-                    self.calls.backend.publish(
-                        held.lease,
-                        run.run_id,
-                        events,
-                        record=record,
-                        max_events=self.config.max_run_events,
-                        retain_seconds=self.config.retain_seconds,
-                    )
-                )
+                published = await self._publish_call(held, run, events, with_record=with_record)
             except BackendUnavailable:
                 await trio.sleep(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
@@ -320,19 +310,26 @@ class Owner:
         return False
 
     async def _publish_once(self, held: Held, run: Run, events: list[dict[str, object]]) -> None:
-        record = record_of(run, node=self.node, token=held.lease.token)
         try:
-            published = await self.calls(
-                self.calls.backend.publish(
-                    held.lease,
-                    run.run_id,
-                    events,
-                    record=record,
-                    max_events=self.config.max_run_events,
-                    retain_seconds=self.config.retain_seconds,
-                )
-            )
+            published = await self._publish_call(held, run, events, with_record=True)
         except BackendUnavailable:
             return
         if published is Published.LEASE_LOST:
             self.metrics.fenced_writes_refused += 1
+
+    async def _publish_call(
+        self, held: Held, run: Run, events: list[dict[str, object]], *, with_record: bool
+    ) -> Published:
+        """One bounded publish of ``events`` (and the run's record as it
+        stands now, if asked) under ``held``'s lease."""
+        record = record_of(run, node=self.node, token=held.lease.token) if with_record else None
+        return await self.calls(
+            self.calls.backend.publish(
+                held.lease,
+                run.run_id,
+                events,
+                record=record,
+                max_events=self.config.max_run_events,
+                retain_seconds=self.config.retain_seconds,
+            )
+        )
