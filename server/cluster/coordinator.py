@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -40,7 +40,6 @@ from ..core.errors import CoordinatorUnavailable, RunInProgress
 from ..core.run import Run
 from ..core.session import OnConflict, Session, SessionKey
 from .backend import (
-    TERMINAL_TYPES,
     BackendUnavailable,
     ClusterBackend,
     Holder,
@@ -277,20 +276,6 @@ class ClusterCoordinator:
             )
         except BackendUnavailable as exc:
             raise CoordinatorUnavailable(str(exc)) from exc
-
-    async def follow_events(
-        self, run_id: str, after: int, *, block: float = REPLY_SLICE
-    ) -> AsyncIterator[list[dict[str, Any]]]:
-        """A run's events after ``after`` in batches, live to its terminal
-        event (check the record's principal first). Each read is bounded;
-        a batch is yielded outside any cancel scope."""
-        while True:
-            batch = await self.read_events(run_id, after, block=block)
-            if batch:
-                after = int(batch[-1]["seq"])
-                yield batch
-                if batch[-1].get("type") in TERMINAL_TYPES:
-                    return
 
     async def stop_run(self, principal: str, run_id: str) -> dict[str, Any] | None:
         """Stop a run that lives on another node (reason ``client_stop``)
