@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 import trio
@@ -25,12 +25,9 @@ from ..core.events import CancelReason
 from ..core.lifecycle_log import lifecycle_event
 from ..core.run import Run
 from ..core.session import SessionClosed
-from .backend import BackendUnavailable, Intent, IntentKind, Lease, Reply, ReplyStatus
-from .held import Held, HeldState
+from .backend import BackendUnavailable, Intent, IntentKind, Lease, Reply, ReplyStatus, SessionRef
+from .held import Calls, ClusterConfig, ClusterMetrics, Held, HeldState
 from .records import record_of
-
-if TYPE_CHECKING:
-    from .owner import Owner
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +38,24 @@ MAX_BACKOFF = 1.0
 INBOX_BLOCK = 1.0
 
 
+class OwnerView(Protocol):
+    """What answering intents needs of the node's owner side
+    (:class:`~server.cluster.owner.Owner`), so this module does not import it."""
+
+    node: str
+    calls: Calls
+    config: ClusterConfig
+    metrics: ClusterMetrics
+    # Sessions held here, and those whose lease was lost while their runs end.
+    held: dict[SessionRef, Held]
+    lost: dict[SessionRef, Held]
+
+    def holds(self, ref: SessionRef, token: int) -> bool: ...
+
+
 @attrs.define(eq=False)
 class Intents:
-    owner: Owner
+    owner: OwnerView
 
     async def read_forever(self, nursery: trio.Nursery) -> None:
         """Read the node's inbox (durable: nothing sent while this node was
