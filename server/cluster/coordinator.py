@@ -89,10 +89,9 @@ class ClusterCoordinator:
         return self.owner.run_started
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The owner side's tasks (see :meth:`Owner.serve`)."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.owner.serve)
-            task_status.started()
+        """The owner side's tasks (see :meth:`Owner.serve`, which reports
+        started)."""
+        await self.owner.serve(task_status=task_status)
 
     def release(self, session: Session) -> None:
         self.owner.release(session)

@@ -75,7 +75,6 @@ from .backend import (
 )
 from .redis_clients import DEFAULT_MAX_BLOCKING, DEFAULT_TIMEOUT, MAX_BLOCK, clients
 
-# Seconds a blocking read waits at most in one call.
 # Entries one run_events / read_intents call returns at most.
 READ_BATCH: Final = 1000
 
