@@ -9,6 +9,8 @@ import trio.testing
 from server.cli import parse_settings
 from server.cluster import setup
 from server.cluster.memory import MemoryBackend
+from server.cluster.redis_clients import check_url
+from server.cluster.urls import redacted
 from server.settings import Settings
 from server.startup import app_error
 
@@ -64,3 +66,26 @@ async def test_a_node_opens_with_a_reachable_backend(
         )
         assert coordinator.config.lease_ttl == 6
         hosted.stop()
+
+
+def test_the_redis_password_never_appears_in_messages() -> None:
+    assert redacted("redis://user:s3cret@host:6390/0") == "redis://user:***@host:6390/0"
+    assert redacted("redis://:s3cret@host/0") == "redis://:***@host/0"
+    assert redacted("redis://host:6390/0") == "redis://host:6390/0"
+    assert redacted("redis://user@host/0") == "redis://user@host/0"
+    with pytest.raises(ValueError) as raised:
+        check_url("http://user:s3cret@host/0")
+    assert "s3cret" not in str(raised.value)
+
+
+async def test_unreachable_redis_with_a_password_is_redacted(
+    autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = MemoryBackend(available=False)
+    monkeypatch.setattr(setup, "redis_backend", lambda settings: backend)
+    settings = Settings(redis_url="redis://:s3cret@127.0.0.1:1/0")
+    async with trio.open_nursery() as nursery:
+        with pytest.raises(setup.ClusterUnreachable) as raised:
+            await setup.open_cluster(settings, nursery)
+    assert "s3cret" not in str(raised.value)
+    assert "redis://:***@127.0.0.1:1/0" in str(raised.value)
