@@ -88,7 +88,9 @@ class ClusterCoordinator:
     def run_started(self) -> Callable[[Session, Run], None]:
         return self.owner.run_started
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """The owner side's tasks (see :meth:`Owner.serve`, which reports
         started)."""
         await self.owner.serve(task_status=task_status)

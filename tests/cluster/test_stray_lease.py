@@ -37,7 +37,7 @@ async def test_an_intent_refused_waits_for_the_lease_to_change(
     autojump_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def keep(self: Intents, intent: Intent) -> None:
-        return None  # the holder keeps it (e.g. its runs are still ending)
+        await trio.lowlevel.checkpoint()  # the holder keeps it (its runs still end)
 
     monkeypatch.setattr(Intents, "_give_up_stray", keep)
     backend = MemoryBackend()
