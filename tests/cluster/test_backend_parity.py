@@ -11,6 +11,8 @@ import pytest
 from server.cluster.backend import (
     SESSION_RUNS_KEPT,
     ClusterBackend,
+    Intent,
+    IntentKind,
     Lease,
     Published,
     SessionRef,
@@ -124,3 +126,12 @@ async def test_a_session_keeps_its_newest_runs(backend: ClusterBackend) -> None:
         )
     kept = await backend.session_runs(S, 2 * SESSION_RUNS_KEPT)
     assert [r["run_id"] for r in kept] == [f"r{n}" for n in range(SESSION_RUNS_KEPT + 2, 2, -1)]
+
+
+async def test_an_intent_carries_the_holders_token(backend: ClusterBackend) -> None:
+    sent = Intent(kind=IntentKind.SUPERSEDE, session=S, from_node="B", reply_to="q", token=7)
+    await backend.send_intent("A", sent)
+    older = Intent(kind=IntentKind.ENQUEUE, session=S, from_node="B", reply_to="q2")
+    await backend.send_intent("A", older)
+    got = [intent for _, intent in await backend.read_intents("A", "0", block=0)]
+    assert got == [sent, older]
