@@ -111,7 +111,8 @@ class ClusterCoordinator:
         try:
             releasing = self.owner.releasing.get(ref)
             if releasing is not None:  # our own release of it, on its way
-                with trio.move_on_after(self.config.call_timeout):
+                bound = self.config.cleanup_budget + 2 * self.config.call_timeout
+                with trio.move_on_after(bound):
                     await releasing.wait()
             while True:
                 # The lease's ttl starts when the backend runs the call: later.

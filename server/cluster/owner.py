@@ -88,9 +88,6 @@ class Owner:
     def release(self, session: Session) -> None:
         """The session was dropped: give its lease back (in the background)."""
         ref = ref_of(session.key)
-        lost = self.lost.get(ref)
-        if lost is not None and lost.session is session:
-            del self.lost[ref]
         held = self.held.get(ref)
         if held is None or held.session is not session:
             return
@@ -141,18 +138,42 @@ class Owner:
             return False
         held.state = HeldState.GONE
         ref = held.lease.session
-        if self.held.get(ref) is held:
-            del self.held[ref]
-            self.lost[ref] = held
         self.metrics.owner_lost += 1
         session = held.session
         lifecycle_event("lease_lost", session=ref.session_id, token=held.lease.token, cause=why)
-        session.moved = True
         current = session.current
+        if self.held.get(ref) is held:
+            del self.held[ref]
+            if self._nursery is not None:
+                # Until its run's cleanup is over, neither this node (a local
+                # prompt) nor an intent's stray-lease release lets it go.
+                self.lost[ref] = held
+                done = trio.Event()
+                self.releasing[ref] = done
+                self._nursery.start_soon(self._release_when_ended, held, current, done)
+        session.moved = True
         if current is not None:
             current.cancel(CancelReason.OWNER_LOST)
         session.close()
         return True
+
+    async def _release_when_ended(self, held: Held, run: Run | None, done: trio.Event) -> None:
+        """Once the lost session's run ended (its cleanup is bounded), give
+        the lease back if it is still ours (fenced: a no-op if it moved on),
+        so nobody waits for it to expire."""
+        ref = held.lease.session
+        try:
+            if run is not None:
+                with trio.move_on_after(self.config.cleanup_budget + self.config.call_timeout):
+                    await run.wait_ended()
+            with contextlib.suppress(BackendUnavailable):  # it expires by itself
+                await self.calls(self.calls.backend.release(held.lease))
+        finally:
+            if self.lost.get(ref) is held:
+                del self.lost[ref]
+            done.set()
+            if self.releasing.get(ref) is done:
+                del self.releasing[ref]
 
     # --- renewal ----------------------------------------------------------------
 
