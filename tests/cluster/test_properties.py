@@ -20,6 +20,7 @@ from server.core import (
     OnConflict,
     QueueFull,
     RunInProgress,
+    SessionClosed,
 )
 from server.core.agent import AgentRequest
 from server.core.events import AgentOutput, TextDelta
@@ -99,7 +100,9 @@ async def play(program: list[tuple[Any, ...]]) -> None:
         async def submit(node: Node, session: str, prompt: str, on_conflict: OnConflict) -> None:
             try:
                 runs.append(await node.prompt(prompt, session, on_conflict))
-            except (RunInProgress, QueueFull, CoordinatorUnavailable):
+            # SessionClosed: the session failed to start (the shared state
+            # away) while this submission waited behind the one starting it.
+            except (RunInProgress, QueueFull, CoordinatorUnavailable, SessionClosed):
                 return
 
         async def stop(node: Node, session: str) -> None:
@@ -133,9 +136,10 @@ async def play(program: list[tuple[Any, ...]]) -> None:
                         clients.start_soon(cut, nodes[index], seconds)
                 await trio.testing.wait_all_tasks_blocked()
                 check(nodes, runs, probe)
-            with trio.fail_after(120):
-                for run in runs:
-                    await run.wait_ended()
+        # Every submission has answered by now (a run started late included).
+        with trio.fail_after(120):
+            for run in runs:
+                await run.wait_ended()
         # A run's end reaches the shared state within a retry (backoff at
         # most a second) once the shared state is back.
         await trio.sleep(MAX_BACKOFF + 2.0)
