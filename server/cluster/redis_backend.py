@@ -45,9 +45,7 @@ same task, which owns those connection tasks.
 from __future__ import annotations
 
 import json
-import logging
 import math
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -66,112 +64,26 @@ from .backend import (
     BackendUnavailable,
     Holder,
     Intent,
-    IntentKind,
     Lease,
     Published,
     Reply,
-    ReplyStatus,
     SessionRef,
 )
 from .redis_clients import DEFAULT_MAX_BLOCKING, DEFAULT_TIMEOUT, MAX_BLOCK, clients
+from .redis_codec import (
+    created_at_of,
+    event_of,
+    holder_of,
+    intent_json,
+    is_outage,
+    parsed_intent,
+    reply_of,
+)
 
 # Entries one run_events / read_intents call returns at most.
 READ_BATCH: Final = 1000
 
 T = TypeVar("T")
-
-logger = logging.getLogger(__name__)
-
-
-# Error replies that say Redis cannot serve now (loading, a read-only
-# replica after a failover, out of memory under noeviction, a busy script):
-# an outage, not a bug.
-_UNAVAILABLE_REPLIES = (
-    "LOADING",
-    "READONLY",
-    "OOM",
-    "MASTERDOWN",
-    "BUSY",
-    "TRYAGAIN",
-    "NOREPLICAS",
-)
-
-
-def _is_outage(error: BaseException) -> bool:
-    """A refused/lost connection, a timeout, or an error reply that says
-    Redis cannot serve now (all of a group). Other error replies (WRONGTYPE,
-    a script error) are bugs: :class:`BackendError`."""
-    if isinstance(error, BaseExceptionGroup):
-        return all(_is_outage(inner) for inner in error.exceptions)
-    if isinstance(error, coredis.exceptions.ResponseError):
-        return str(error).startswith(_UNAVAILABLE_REPLIES) or isinstance(
-            error, coredis.exceptions.BusyLoadingError | coredis.exceptions.ReadOnlyError
-        )
-    return isinstance(error, coredis.exceptions.RedisError | OSError | TimeoutError)
-
-
-def _holder(reply: list[Any]) -> Holder:
-    _, node, token, pttl, busy, run = reply
-    return Holder(
-        node=str(node),
-        token=int(token),
-        expires_in=max(0.0, int(pttl) / 1000),
-        busy=busy == "1",
-        run_id=run or None,
-    )
-
-
-def _intent_json(intent: Intent) -> str:
-    return json.dumps(
-        {
-            "kind": intent.kind.value,
-            "principal": intent.session.principal,
-            "session_id": intent.session.session_id,
-            "from_node": intent.from_node,
-            "reply_to": intent.reply_to,
-            "run_id": intent.run_id,
-            "token": intent.token,
-        }
-    )
-
-
-def _parsed_intent(entry: Any) -> Intent | None:
-    """One inbox entry's intent; None (logged) if it is none."""
-    try:
-        return _intent(entry.field_values["i"])
-    except (KeyError, TypeError, ValueError) as exc:  # JSONDecodeError is a ValueError
-        logger.error("a malformed intent %s skipped: %r", entry.identifier, exc)
-        return None
-
-
-def _intent(text: str) -> Intent:
-    body = json.loads(text)
-    return Intent(
-        kind=IntentKind(body["kind"]),
-        session=SessionRef(principal=body["principal"], session_id=body["session_id"]),
-        from_node=body["from_node"],
-        reply_to=body["reply_to"],
-        run_id=body.get("run_id"),
-        token=body.get("token"),
-    )
-
-
-def _reply(text: str) -> Reply:
-    body = json.loads(text)
-    return Reply(
-        status=ReplyStatus(body["status"]), token=body.get("token"), record=body.get("record")
-    )
-
-
-def _event(fields: dict[str, str]) -> dict[str, Any]:
-    event: dict[str, Any] = json.loads(fields["e"])
-    event["seq"] = int(fields["seq"])
-    return event
-
-
-def _created_at(record: dict[str, Any]) -> float:
-    value = record.get("created_at")
-    return float(value) if isinstance(value, int | float) else time.time()
 
 
 class RedisBackend:
@@ -250,13 +162,13 @@ class RedisBackend:
         except trio.TooSlowError as error:
             raise BackendUnavailable(f"redis did not answer within {self.timeout}s") from error
         except coredis.exceptions.ResponseError as error:
-            if not _is_outage(error):
+            if not is_outage(error):
                 raise BackendError(f"redis answered an error: {error}") from error
             raise BackendUnavailable(f"redis: {error!r}") from error
         except (coredis.exceptions.RedisError, OSError) as error:  # OSError: TimeoutError too
             raise BackendUnavailable(f"redis: {error!r}") from error
         except ExceptionGroup as group:
-            if not _is_outage(group):
+            if not is_outage(group):
                 raise
             raise BackendUnavailable(f"redis: {group!r}") from group
 
@@ -274,11 +186,11 @@ class RedisBackend:
         reply = await self._script(self._acquire, keys, [node, lua.milliseconds(ttl)])
         if reply[0] == 1:
             return Lease(session=session, node=node, token=int(reply[1]))
-        return _holder(reply)
+        return holder_of(reply)
 
     async def holder(self, session: SessionRef) -> Holder | None:
         reply = await self._script(self._holder_script, [self.keys.lease(session)], [])
-        return None if reply is None else _holder(reply)
+        return None if reply is None else holder_of(reply)
 
     async def renew(self, lease: Lease, ttl: float, *, busy: bool, run_id: str | None) -> bool:
         args = [lease.token, lua.milliseconds(ttl), "1" if busy else "0", run_id or ""]
@@ -324,7 +236,7 @@ class RedisBackend:
             lua.milliseconds(max(retain_seconds, lua.MIN_RETAIN)),
             lua.milliseconds(max(retain_seconds, lua.LIVE_RUN_TTL)),
             "" if record is None else json.dumps(record),
-            _created_at(record) if record is not None else 0,
+            created_at_of(record) if record is not None else 0,
             run_id,
             lua.SESSION_RUNS_KEPT,
         ]
@@ -366,7 +278,7 @@ class RedisBackend:
             json.dumps(event),
             json.dumps(record),
             lua.milliseconds(max(self.retain_seconds, lua.MIN_RETAIN)),
-            _created_at(record),
+            created_at_of(record),
             run_id,
             lua.SESSION_RUNS_KEPT,
         ]
@@ -388,7 +300,7 @@ class RedisBackend:
     ) -> list[dict[str, Any]]:
         stream = self.keys.events(run_id)
         entries = await self._read_stream(stream, f"0-{after_seq + 1}", block)
-        return [_event(dict(entry.field_values)) for entry in entries]
+        return [event_of(dict(entry.field_values)) for entry in entries]
 
     async def session_runs(self, session: SessionRef, limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
@@ -400,7 +312,7 @@ class RedisBackend:
     # --- intents ----------------------------------------------------------
 
     async def send_intent(self, to_node: str, intent: Intent) -> None:
-        args = [lua.INBOX_MAXLEN, lua.milliseconds(lua.INBOX_TTL), _intent_json(intent)]
+        args = [lua.INBOX_MAXLEN, lua.milliseconds(lua.INBOX_TTL), intent_json(intent)]
         await self._script(self._send_intent, [self.keys.inbox(to_node)], args)
 
     async def read_intents(
@@ -411,7 +323,7 @@ class RedisBackend:
         if entries:
             ttl = lua.milliseconds(lua.INBOX_TTL)
             await self._call(lambda: self._commands.pexpire(inbox, ttl))
-        return [(str(entry.identifier), _parsed_intent(entry)) for entry in entries]
+        return [(str(entry.identifier), parsed_intent(entry)) for entry in entries]
 
     async def reply(self, reply_to: str, reply: Reply) -> None:
         body = {"status": reply.status.value, "token": reply.token, "record": reply.record}
@@ -429,7 +341,7 @@ class RedisBackend:
             text = await self._call(
                 lambda: self._blocking.blmove(key, key, left, left, timeout=block), block=block
             )
-        return None if text is None else _reply(text)
+        return None if text is None else reply_of(text)
 
     async def _read_stream(self, key: str, after: str, block: float) -> list[Any]:
         """Entries of one stream after id ``after``, waiting up to ``block``."""
