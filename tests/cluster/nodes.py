@@ -11,7 +11,8 @@ import trio
 from server.cluster.backend import TERMINAL_TYPES
 from server.cluster.coordinator import ClusterCoordinator
 from server.cluster.held import ClusterConfig
-from server.cluster.memory import MemoryBackend, MemoryLink
+from server.cluster.memory import MemoryBackend
+from server.cluster.memory_link import MemoryLink
 from server.core import AgentRequest, EngineConfig, OnConflict, SessionManager
 from server.core.agent import Agent
 from server.core.result import RunResult
