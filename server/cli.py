@@ -173,7 +173,8 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "--lease-ttl",
         float,
         defaults.lease_ttl,
-        "cluster mode: seconds a session's lease lives unrenewed (how long a dead node holds it)",
+        "cluster mode: seconds a session's lease lives unrenewed (how long a dead node holds "
+        "it); must exceed --cleanup-budget + 4 (two 2 s call timeouts)",
     )
     option("--retain-runs", int, defaults.retain_runs, "ended runs kept for reattach")
     option("--retain-seconds", float, defaults.retain_seconds, "seconds an ended run is kept")

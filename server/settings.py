@@ -20,6 +20,23 @@ MiB = 1024 * 1024
 _ENGINE = EngineConfig()
 
 
+# Seconds one call to the cluster's shared state may take (not a flag).
+CLUSTER_CALL_TIMEOUT = 2.0
+
+
+def check_lease_ttl(lease_ttl: float, cleanup_budget: float, call_timeout: float) -> None:
+    """A node gives a session up ``cleanup_budget + call_timeout`` before its
+    lease can expire (its run's cleanup and the publish of its end happen
+    while the lease is still its own), and needs at least one call's time
+    before that to renew: anything shorter is refused."""
+    least = cleanup_budget + 2 * call_timeout
+    if not lease_ttl > least:
+        raise ValueError(
+            f"--lease-ttl must exceed --cleanup-budget + 2 x the {call_timeout:g} s call "
+            f"timeout ({least:g} s here), got {lease_ttl:g}"
+        )
+
+
 def _lowercase(value: str) -> str:
     return value.lower()
 
@@ -131,6 +148,10 @@ class Settings:
             max_run_bytes=self.max_run_bytes,
             max_subscribers=self.max_subscribers,
         )
+
+    def __attrs_post_init__(self) -> None:
+        if self.redis_url:
+            check_lease_ttl(self.lease_ttl, self.cleanup_budget, CLUSTER_CALL_TIMEOUT)
 
     @property
     def uses_dev_key(self) -> bool:

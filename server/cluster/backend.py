@@ -28,7 +28,8 @@ Rule 5: intents are durable: a message sent to a node's inbox stays there
 
 Values cross the seam as plain JSON-able dicts for events and run records
 (the native event shape of :func:`server.wire.native.event_dict`), so a
-backend never imports the engine's classes.
+backend never imports the engine's classes; it knows a terminal event by
+its type, one of :data:`TERMINAL_TYPES` (derived from the event classes).
 """
 
 from __future__ import annotations
@@ -39,8 +40,12 @@ from typing import Any, Protocol
 
 import attrs
 
+from ..core.events import TERMINAL_TYPES as TERMINAL_TYPES
+
 # Seconds a reply stays readable after it was written.
 REPLY_TTL = 60.0
+# A session's list of runs keeps the ids of this many newest runs.
+SESSION_RUNS_KEPT = 100
 
 
 @attrs.frozen(kw_only=True)
@@ -93,6 +98,26 @@ class Intent:
     reply_to: str
     # STOP: the run to stop.
     run_id: str | None = None
+    # The token the asker saw holding the session (None: not said, from an
+    # older node): a node holding that token with no session that uses it
+    # gives it up at once (fenced by it), instead of being asked until it
+    # expires.
+    token: int | None = None
+
+
+class Published(enum.Enum):
+    """What :meth:`ClusterBackend.publish` did. True only for ``WRITTEN``."""
+
+    WRITTEN = "written"
+    # The lease no longer holds the session (Rule 3): nothing written, and
+    # nothing more will be for that lease.
+    LEASE_LOST = "lease_lost"
+    # The run already has its terminal event (Rule 4), so new events or a
+    # record alone are refused (nothing written); the lease is not in doubt.
+    ENDED = "ended"
+
+    def __bool__(self) -> bool:
+        return self is Published.WRITTEN
 
 
 class ReplyStatus(enum.StrEnum):
@@ -114,6 +139,13 @@ class BackendUnavailable(Exception):
     """The shared state could not be reached within its timeout; nothing is
     known about whether the call took effect (a refused write is a False,
     never this)."""
+
+
+class BackendError(Exception):
+    """The shared state answered a call with an error (a wrong key type, a
+    script error): a bug, ours or the deployment's, not an outage. It is
+    not :class:`BackendUnavailable`: the node stays ready, and an HTTP
+    request that meets it gets a logged 500 ``internal_error``."""
 
 
 class ClusterBackend(Protocol):
@@ -151,13 +183,16 @@ class ClusterBackend(Protocol):
         record: dict[str, Any] | None = None,
         max_events: int,
         retain_seconds: float,
-    ) -> bool:
+    ) -> Published:
         """Append ``events`` (consecutive ``seq``, continuing the run's
         stream) and, if given, replace the run's record, fenced by
         ``lease``. A terminal event in ``events`` starts the retention
         clock of the stream and the record (``retain_seconds``); the stream
-        keeps at most ``max_events`` entries. False (nothing written) if
-        ``lease`` no longer holds the session."""
+        keeps at most ``max_events`` entries. Events the stream already has
+        are skipped (a retry appends nothing twice). ``LEASE_LOST`` if
+        ``lease`` no longer holds the session; ``ENDED`` if the run already
+        ended and there is something new (events, or only a record) to
+        write; nothing is written then. :class:`ValueError` for a gap."""
 
     async def end_orphan(
         self, lease: Lease, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
@@ -172,6 +207,13 @@ class ClusterBackend(Protocol):
         runs (``rollback``), fenced by ``lease``. False (nothing deleted) if
         ``lease`` no longer holds the session; True also when the run was
         not there."""
+
+    async def end_orphan_unleased(
+        self, session: SessionRef, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
+    ) -> bool:
+        """:meth:`end_orphan` for a reader, who takes no lease: only if
+        nobody holds ``session``'s lease (its owner's expired), in the same
+        atomic step. True if it wrote."""
 
     async def run_record(self, run_id: str) -> dict[str, Any] | None:
         """A run's record (within retention), whoever owns it."""
@@ -192,9 +234,11 @@ class ClusterBackend(Protocol):
 
     async def read_intents(
         self, node: str, after: str, *, block: float
-    ) -> list[tuple[str, Intent]]:
+    ) -> list[tuple[str, Intent | None]]:
         """Intents in ``node``'s inbox after position ``after`` ("0": from the
-        start), with their positions; waits up to ``block`` seconds for one."""
+        start), with their positions; waits up to ``block`` seconds for one.
+        An entry that is no intent (malformed) is logged and comes as None:
+        its position still counts, so the next read goes past it."""
 
     async def reply(self, reply_to: str, reply: Reply) -> None:
         """Answer an intent (durable for :data:`REPLY_TTL`)."""

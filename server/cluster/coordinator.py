@@ -28,10 +28,9 @@ Errors: a backend that cannot be reached (or does not answer within
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -89,11 +88,13 @@ class ClusterCoordinator:
     def run_started(self) -> Callable[[Session, Run], None]:
         return self.owner.run_started
 
-    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The owner side's tasks (see :meth:`Owner.serve`)."""
-        async with trio.open_nursery() as nursery:
-            await nursery.start(self.owner.serve)
-            task_status.started()
+    # Owner.serve reports started (ASYNC128 cannot see through the call).
+    async def serve(  # noqa: ASYNC128
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The owner side's tasks (see :meth:`Owner.serve`, which reports
+        started)."""
+        await self.owner.serve(task_status=task_status)
 
     def release(self, session: Session) -> None:
         self.owner.release(session)
@@ -115,9 +116,12 @@ class ClusterCoordinator:
         try:
             releasing = self.owner.releasing.get(ref)
             if releasing is not None:  # our own release of it, on its way
-                with trio.move_on_after(self.config.call_timeout):
+                bound = self.config.cleanup_budget + 2 * self.config.call_timeout
+                with trio.move_on_after(bound):
                     await releasing.wait()
             while True:
+                # The lease's ttl starts when the backend runs the call: later.
+                since = trio.current_time()
                 got = await self.calls(self.backend.acquire(ref, self.node, self.config.lease_ttl))
                 if isinstance(got, Lease):
                     self.metrics.lease_acquisitions += 1
@@ -135,11 +139,11 @@ class ClusterCoordinator:
                 handed = await self._ask_owner(ref, got, _INTENT_FOR[on_conflict])
                 if handed is not None:
                     self.metrics.handovers_received += 1
-                    lease = handed
+                    lease, since = handed
                     break
         except BackendUnavailable as exc:
             raise CoordinatorUnavailable(str(exc)) from exc
-        self.owner.hold(session, lease)
+        self.owner.hold(session, lease, since)
         granted = False
         try:
             await self._end_orphans(lease)
@@ -153,39 +157,59 @@ class ClusterCoordinator:
 
     # --- acquiring --------------------------------------------------------
 
-    async def _ask_owner(self, ref: SessionRef, holder: Holder, kind: IntentKind) -> Lease | None:
+    async def _ask_owner(
+        self, ref: SessionRef, holder: Holder, kind: IntentKind
+    ) -> tuple[Lease, float] | None:
+        """The lease handed over by ``holder`` and a time its ttl started
+        after; None: ask again."""
         reply_to = f"{self.node}:{uuid.uuid4().hex}"
-        intent = Intent(kind=kind, session=ref, from_node=self.node, reply_to=reply_to)
+        intent = Intent(
+            kind=kind, session=ref, from_node=self.node, reply_to=reply_to, token=holder.token
+        )
+        asked_at = trio.current_time()
         await self.calls(self.backend.send_intent(holder.node, intent))
         self.metrics.cancels_sent += 1
-        asked_at = trio.current_time()
         answered = False
         try:
-            lease = await self._await_handover(ref, holder, reply_to)
+            handed = await self._await_handover(ref, holder, reply_to, asked_at)
             answered = True
-            return lease
+            return handed
         finally:
             self.metrics.remote_wait(trio.current_time() - asked_at)
             if not answered:
                 with trio.move_on_after(self.config.cleanup_budget, shield=True):
                     await self._give_back_late_handover(ref, reply_to)
 
-    async def _await_handover(self, ref: SessionRef, holder: Holder, reply_to: str) -> Lease | None:
+    async def _await_handover(
+        self, ref: SessionRef, holder: Holder, reply_to: str, since: float
+    ) -> tuple[Lease, float] | None:
+        # ``since``: from before the latest call that saw ``holder`` still
+        # holding the session, so the handover (and its ttl) came later.
+        # NOT_OWNER: the holder has no session using the lease (it gives a
+        # stray lease up at once, else it expires): asking again before the
+        # lease changed would only ask again and again, so wait for that.
+        not_owner = False
         while True:
             block = min(REPLY_SLICE, max(holder.expires_in, 0.0))
-            reply = await self.calls(self.backend.wait_reply(reply_to, block=block), block=block)
-            if reply is not None:
-                if reply.status is ReplyStatus.DONE and reply.token is not None:
-                    return Lease(session=ref, node=self.node, token=reply.token)
-                return None
+            if not_owner:
+                await trio.sleep(block)
+            else:
+                reply = await self.calls(
+                    self.backend.wait_reply(reply_to, block=block), block=block
+                )
+                if reply is not None:
+                    if reply.status is ReplyStatus.DONE and reply.token is not None:
+                        return Lease(session=ref, node=self.node, token=reply.token), since
+                    not_owner = True
+            checked_at = trio.current_time()
             now = await self.calls(self.backend.holder(ref))
             if now is None:
                 return None  # the owner's lease expired: take it
             if now.token != holder.token:
                 if now.node == self.node:  # handed to us; its reply is on its way
-                    return Lease(session=ref, node=self.node, token=now.token)
+                    return Lease(session=ref, node=self.node, token=now.token), since
                 return None
-            holder = now
+            holder, since = now, checked_at
 
     async def _give_back_late_handover(self, ref: SessionRef, reply_to: str) -> None:
         try:
@@ -261,20 +285,6 @@ class ClusterCoordinator:
         except BackendUnavailable as exc:
             raise CoordinatorUnavailable(str(exc)) from exc
 
-    async def follow_events(
-        self, run_id: str, after: int, *, block: float = REPLY_SLICE
-    ) -> AsyncIterator[list[dict[str, Any]]]:
-        """A run's events after ``after`` in batches, live to its terminal
-        event (check the record's principal first). Each read is bounded;
-        a batch is yielded outside any cancel scope."""
-        while True:
-            batch = await self.read_events(run_id, after, block=block)
-            if batch:
-                after = int(batch[-1]["seq"])
-                yield batch
-                if batch[-1].get("type") in _TERMINAL_TYPES:
-                    return
-
     async def stop_run(self, principal: str, run_id: str) -> dict[str, Any] | None:
         """Stop a run that lives on another node (reason ``client_stop``)
         and answer its record once ended; None: no such run for this
@@ -313,18 +323,18 @@ class ClusterCoordinator:
 
     async def _settle_orphans(self, ref: SessionRef) -> None:
         """End the session's orphans if nobody holds it (whoever does ended
-        them when it took the lease)."""
-        got = await self.calls(self.backend.acquire(ref, self.node, self.config.lease_ttl))
-        if isinstance(got, Lease):
-            try:
-                await self._end_orphans(got)
-            finally:
-                # A release that fails leaves a lease that expires by itself.
-                with (
-                    trio.move_on_after(self.config.call_timeout, shield=True),
-                    contextlib.suppress(BackendUnavailable),
-                ):
-                    await self.calls(self.backend.release(got))
-
-
-_TERMINAL_TYPES = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})
+        them when it took the lease). A read takes no lease: each orphan is
+        ended in one step that checks nobody holds the session (a prompt
+        elsewhere meanwhile is neither delayed nor refused)."""
+        for record in await self.calls(self.backend.session_runs(ref, ORPHAN_SCAN)):
+            if record.get("status") != "running":
+                continue
+            terminal, ended = orphan_ending(record)
+            run_id = record["run_id"]
+            if await self.calls(self.backend.end_orphan_unleased(ref, run_id, terminal, ended)):
+                self.metrics.orphans_ended += 1
+                logger.info(
+                    "orphan_ended trace=%s owner=%s reason=owner_lost",
+                    run_id,
+                    record.get("node"),
+                )

@@ -16,6 +16,8 @@ import trio
 
 from ..core.run import Run
 from ..core.session import Session, SessionKey
+from ..settings import CLUSTER_CALL_TIMEOUT as CALL_TIMEOUT
+from ..settings import check_lease_ttl
 from .backend import BackendUnavailable, ClusterBackend, Lease, SessionRef
 
 T = TypeVar("T")
@@ -58,15 +60,44 @@ class ClusterMetrics:
 
 @attrs.frozen(kw_only=True)
 class ClusterConfig:
+    """A node's timing. A lease must outlive the run's cleanup and two calls
+    (see :attr:`give_up_after`): ``lease_ttl > cleanup_budget + 2 *
+    call_timeout``, else :class:`ValueError`."""
+
     # Seconds a lease lives without renewal (--lease-ttl).
     lease_ttl: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
     # Seconds one backend call may take (a blocking read: on top of its block).
-    call_timeout: float = attrs.field(default=2.0, validator=attrs.validators.gt(0))
+    call_timeout: float = attrs.field(default=CALL_TIMEOUT, validator=attrs.validators.gt(0))
     # A run's cleanup budget (the engine's), for waits that follow one.
     cleanup_budget: float = attrs.field(default=5.0, validator=attrs.validators.gt(0))
     # A run's stream: entries kept, and seconds kept once it ended.
     max_run_events: int = attrs.field(default=100_000, validator=attrs.validators.ge(8))
     retain_seconds: float = attrs.field(default=3600.0, validator=attrs.validators.ge(0))
+
+    def __attrs_post_init__(self) -> None:
+        check_lease_ttl(self.lease_ttl, self.cleanup_budget, self.call_timeout)
+
+    @property
+    def give_up_after(self) -> float:
+        """Seconds after the last renewal (timed from before its call) at
+        which a node gives a lease up and cancels its runs: their cleanup
+        (``cleanup_budget``) and the publish of their end (``call_timeout``)
+        are over before the lease can expire in the shared state, so no
+        other node starts a run while one of ours is still alive."""
+        return self.lease_ttl - self.cleanup_budget - self.call_timeout
+
+    @property
+    def stop_budget(self) -> float:
+        """Seconds a stopping node gives its runs' ends to be published (a
+        run cancelled as it stops ends within its cleanup budget, and may
+        have been cancelled just before: twice that, then one publish);
+        its leases are released after that, bounded by a call."""
+        return 2 * self.cleanup_budget + self.call_timeout
+
+    @property
+    def renew_every(self) -> float:
+        """Three tries of a renewal before :attr:`give_up_after`."""
+        return self.give_up_after / 3
 
 
 class HeldState(enum.Enum):
@@ -94,7 +125,8 @@ class Held:
 
     session: Session
     lease: Lease
-    # trio clock of the last renewal that worked (or of the acquire).
+    # trio clock from before the call of the last renewal that worked (or
+    # of the acquire or handover): the shared state's ttl started later.
     renewed_at: float
     state: HeldState = HeldState.HELD
     mirrors: dict[str, Mirror] = attrs.field(factory=dict)

@@ -14,8 +14,9 @@ here (or held under another token) is answered NOT_OWNER.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 import trio
@@ -24,31 +25,44 @@ from ..core.events import CancelReason
 from ..core.lifecycle_log import lifecycle_event
 from ..core.run import Run
 from ..core.session import SessionClosed
-from .backend import BackendUnavailable, Intent, IntentKind, Reply, ReplyStatus
-from .held import Held, HeldState
+from .backend import BackendUnavailable, Intent, IntentKind, Lease, Reply, ReplyStatus, SessionRef
+from .held import Calls, ClusterConfig, ClusterMetrics, Held, HeldState
 from .records import record_of
-
-if TYPE_CHECKING:
-    from .owner import Owner
 
 logger = logging.getLogger(__name__)
 
-# Longest pause between retries of a call the backend could not take.
+# Shortest and longest pause between retries of a call that failed.
+MIN_BACKOFF = 0.05
 MAX_BACKOFF = 1.0
 # A blocking read of the inbox waits this long per call.
 INBOX_BLOCK = 1.0
 
 
+class OwnerView(Protocol):
+    """What answering intents needs of the node's owner side
+    (:class:`~server.cluster.owner.Owner`), so this module does not import it."""
+
+    node: str
+    calls: Calls
+    config: ClusterConfig
+    metrics: ClusterMetrics
+    # Sessions held here, and those whose lease was lost while their runs end.
+    held: dict[SessionRef, Held]
+    lost: dict[SessionRef, Held]
+
+    def holds(self, ref: SessionRef, token: int) -> bool: ...
+
+
 @attrs.define(eq=False)
 class Intents:
-    owner: Owner
+    owner: OwnerView
 
     async def read_forever(self, nursery: trio.Nursery) -> None:
         """Read the node's inbox (durable: nothing sent while this node was
         busy or cut off is missed) and answer each intent in a task of its
         own in ``nursery``: a slow cleanup holds up no other session."""
         after = "0"
-        backoff = 0.05
+        backoff = MIN_BACKOFF
         while True:
             try:
                 batch = await self.owner.calls(
@@ -57,14 +71,18 @@ class Intents:
                     ),
                     block=INBOX_BLOCK,
                 )
-            except BackendUnavailable:
+            except Exception as exc:
+                # Redis away, or a bug: this node must go on reading either way.
+                if not isinstance(exc, BackendUnavailable):
+                    logger.exception("reading the inbox failed; trying again")
                 await trio.sleep(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 continue
-            backoff = 0.05
+            backoff = MIN_BACKOFF
             for position, intent in batch:
                 after = position
-                nursery.start_soon(self._answer, intent)
+                if intent is not None:  # a malformed entry is skipped (logged)
+                    nursery.start_soon(self._answer, intent)
 
     async def _answer(self, intent: Intent) -> None:
         """Answer one intent. Error handling: a failure here is logged and
@@ -88,6 +106,7 @@ class Intents:
         not_owner = Reply(status=ReplyStatus.NOT_OWNER)
         held = self.owner.held.get(intent.session)
         if held is None or held.state is not HeldState.HELD:
+            await self._give_up_stray(intent)
             return not_owner
         session = held.session
         try:
@@ -135,6 +154,19 @@ class Intents:
             return Reply(status=ReplyStatus.DONE, token=lease.token)
         finally:
             session.leave(ticket)
+
+    async def _give_up_stray(self, intent: Intent) -> None:
+        """The asker saw this node hold the session with ``intent.token``,
+        but no session here uses it (a release that did not get through):
+        release it, fenced by that token, so the asker need not wait for it
+        to expire. A session whose lease was given up while its runs are
+        still ending keeps it (it is released once they ended)."""
+        ref = intent.session
+        if intent.token is None or self.owner.holds(ref, intent.token) or ref in self.owner.lost:
+            return
+        lease = Lease(session=ref, node=self.owner.node, token=intent.token)
+        with contextlib.suppress(BackendUnavailable):  # it expires by itself
+            await self.owner.calls(self.owner.calls.backend.release(lease))
 
     async def _end_for_handover(self, held: Held, run: Run, kind: IntentKind) -> None:
         if not run.ended:

@@ -12,9 +12,9 @@ retention.
 
 Faults for tests: :attr:`MemoryBackend.available` off makes every call raise
 :class:`BackendUnavailable` (Redis gone, for every node); a
-:class:`MemoryLink` is one node's connection to it, which can be paused (its
-calls block until resumed: a stalled network or a SIGSTOP'd process, seen
-from the node) or cut (its calls fail).
+:class:`~server.cluster.memory_link.MemoryLink` is one node's connection
+to it, which can be paused (its calls block until resumed: a stalled
+network or a SIGSTOP'd process, seen from the node) or cut (its calls fail).
 """
 
 from __future__ import annotations
@@ -30,25 +30,22 @@ import trio
 
 from .backend import (
     REPLY_TTL,
+    SESSION_RUNS_KEPT,
+    TERMINAL_TYPES,
     BackendUnavailable,
     Holder,
     Intent,
     Lease,
+    Published,
     Reply,
     SessionRef,
 )
 
 INBOX_MAX = 10_000
-SESSION_RUNS_KEPT = 100
 
 
 def _terminal(event: dict[str, Any]) -> bool:
-    return str(event.get("type", "")) in (
-        "run.completed",
-        "run.cancelled",
-        "run.interrupted",
-        "run.failed",
-    )
+    return event.get("type") in TERMINAL_TYPES
 
 
 @attrs.define(eq=False)
@@ -58,6 +55,8 @@ class _LeaseRow:
     expires_at: float
     busy: bool = True
     run_id: str | None = None
+    # The token this lease was handed over from (a retried hand_over).
+    prev: int | None = None
 
 
 @attrs.define(eq=False)
@@ -180,8 +179,14 @@ class MemoryBackend:
         self._check()
         await trio.lowlevel.checkpoint()
         if self._holds(lease) is None:
+            row = self._lease(lease.session)
+            if row is not None and row.prev == lease.token and row.node == to_node:
+                # It already happened (a retry after a lost answer): the same lease.
+                return Lease(session=lease.session, node=to_node, token=row.token)
             return None
-        return self._new_lease(lease.session, to_node, ttl)
+        handed = self._new_lease(lease.session, to_node, ttl)
+        self._leases[lease.session].prev = lease.token
+        return handed
 
     # --- runs -------------------------------------------------------------
 
@@ -219,21 +224,25 @@ class MemoryBackend:
         record: dict[str, Any] | None = None,
         max_events: int,
         retain_seconds: float,
-    ) -> bool:
+    ) -> Published:
         self._check()
         await trio.lowlevel.checkpoint()
+        seqs = [int(event["seq"]) for event in events]
+        if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
+            raise ValueError(f"events of run {run_id} are not consecutive: {seqs}")
         if self._holds(lease) is None:
-            return False
+            return Published.LEASE_LOST
         row = self._run(run_id)
+        # A retried publish may repeat events already in: those are skipped.
+        last_seq = -1 if row is None else row.last_seq
+        fresh = [event for event in events if int(event["seq"]) > last_seq]
+        if row is not None and row.ended and (fresh or not events):
+            return Published.ENDED  # Rule 4 (a record alone, too)
+        if fresh and int(fresh[0]["seq"]) != last_seq + 1:
+            raise ValueError(f"events of run {run_id} leave a gap at {last_seq + 1}")
         if row is None:
             row = self._runs[run_id] = _RunRow(lease_session=lease.session)
             self._remember(lease.session, run_id)
-        # A retried publish may repeat events already in: those are skipped.
-        fresh = [event for event in events if int(event["seq"]) > row.last_seq]
-        if fresh and int(fresh[0]["seq"]) != row.last_seq + 1:
-            raise ValueError(f"events of run {run_id} leave a gap at {row.last_seq + 1}")
-        if row.ended and fresh:
-            raise ValueError(f"events of run {run_id} after its terminal event")  # Rule 4
         for event in fresh:
             self._append(row, event, max_events)
             if _terminal(event):
@@ -241,7 +250,7 @@ class MemoryBackend:
         if record is not None:
             row.record = copy.deepcopy(record)
         row.wake()
-        return True
+        return Published.WRITTEN
 
     async def end_orphan(
         self, lease: Lease, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
@@ -250,10 +259,24 @@ class MemoryBackend:
         await trio.lowlevel.checkpoint()
         if self._holds(lease) is None:
             return False
+        return self._end_orphan(lease.session, run_id, terminal, record)
+
+    async def end_orphan_unleased(
+        self, session: SessionRef, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
+    ) -> bool:
+        self._check()
+        await trio.lowlevel.checkpoint()
+        if self._lease(session) is not None:
+            return False
+        return self._end_orphan(session, run_id, terminal, record)
+
+    def _end_orphan(
+        self, session: SessionRef, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
+    ) -> bool:
         row = self._run(run_id)
         if row is None:
-            row = self._runs[run_id] = _RunRow(lease_session=lease.session)
-            self._remember(lease.session, run_id)
+            row = self._runs[run_id] = _RunRow(lease_session=session)
+            self._remember(session, run_id)
         if row.ended:
             return False
         self._append(row, {**terminal, "seq": row.last_seq + 1}, max_events=2**31)
@@ -322,13 +345,15 @@ class MemoryBackend:
 
     async def read_intents(
         self, node: str, after: str, *, block: float
-    ) -> list[tuple[str, Intent]]:
+    ) -> list[tuple[str, Intent | None]]:
         self._check()
         position = int(after)
         inbox = self._inboxes.setdefault(node, _Inbox())
         with trio.move_on_after(block):
             while True:
-                fresh = [(str(at), intent) for at, intent in inbox.entries if at > position]
+                fresh: list[tuple[str, Intent | None]] = [
+                    (str(at), intent) for at, intent in inbox.entries if at > position
+                ]
                 if fresh:
                     return fresh
                 await inbox.changed.wait()
@@ -364,44 +389,3 @@ class MemoryBackend:
         """A run's stream as kept (no expiry check)."""
         row = self._runs.get(run_id)
         return [] if row is None else list(row.events)
-
-
-@attrs.define(eq=False)
-class MemoryLink:
-    """One node's connection to a shared :class:`MemoryBackend`.
-
-    ``pause()``: its calls block until ``resume()`` (the node cannot reach
-    the shared state, or is itself stopped); ``cut = True``: they fail."""
-
-    backend: MemoryBackend
-    cut: bool = False
-    _open: trio.Event = attrs.field(factory=trio.Event, init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self._open.set()
-
-    def pause(self) -> None:
-        if self._open.is_set():
-            self._open = trio.Event()
-
-    def resume(self) -> None:
-        self._open.set()
-
-    async def _gate(self) -> None:
-        await self._open.wait()
-        if self.cut:
-            raise BackendUnavailable("this node is cut off from the shared state")
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self.backend, name)
-        if not callable(method) or name.startswith("_") or name == "stream":
-            return method
-
-        async def gated(*args: Any, **kwargs: Any) -> Any:
-            await self._gate()
-            result = await method(*args, **kwargs)
-            # A node paused mid-call learns the answer only once it resumes.
-            await self._gate()
-            return result
-
-        return gated

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import attrs
 import trio
@@ -31,10 +32,11 @@ from ..wire.native import event_dict
 from .backend import (
     BackendUnavailable,
     Lease,
+    Published,
     SessionRef,
 )
 from .held import Calls, ClusterConfig, ClusterMetrics, Held, HeldState, Mirror, ref_of
-from .intents import MAX_BACKOFF, Intents
+from .intents import MAX_BACKOFF, MIN_BACKOFF, Intents
 from .records import record_of
 
 logger = logging.getLogger(__name__)
@@ -47,6 +49,9 @@ class Owner:
     config: ClusterConfig
     metrics: ClusterMetrics
     held: dict[SessionRef, Held] = attrs.field(factory=dict)
+    # Sessions whose lease was lost or given up while their runs may still
+    # be ending: the lease is not released from under them.
+    lost: dict[SessionRef, Held] = attrs.field(factory=dict)
     # Releases on their way, by session: an acquire of the same session waits.
     releasing: dict[SessionRef, trio.Event] = attrs.field(factory=dict)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
@@ -61,13 +66,17 @@ class Owner:
                 task_status.started()
         finally:
             self._nursery = None
-            with trio.move_on_after(self.config.cleanup_budget, shield=True):
+            # The mirrors' bound, then the releases' (one call).
+            bound = self.config.stop_budget + self.config.call_timeout
+            with trio.move_on_after(bound, shield=True):
                 await self._release_all()
 
     # --- holding ---------------------------------------------------------------
 
-    def hold(self, session: Session, lease: Lease) -> Held:
-        held = Held(session=session, lease=lease, renewed_at=trio.current_time())
+    def hold(self, session: Session, lease: Lease, since: float) -> Held:
+        """``session`` owns ``lease``, whose ttl started no earlier than
+        ``since`` (trio clock from before the call that gave it)."""
+        held = Held(session=session, lease=lease, renewed_at=since)
         self.held[lease.session] = held
         return held
 
@@ -104,14 +113,23 @@ class Owner:
                 del self.releasing[held.lease.session]
 
     async def _release_all(self) -> None:
-        for held in list(self.held.values()):
-            for mirror in list(held.mirrors.values()):
-                await mirror.done.wait()
-            if held.state is HeldState.HELD:
-                held.state = HeldState.GONE
-                with contextlib.suppress(BackendUnavailable):  # it expires by itself
-                    await self.calls(self.calls.backend.release(held.lease))
+        """Once every run's end is published (each mirror bounds its own
+        wait by ``stop_budget``), release every lease still held, at once."""
+        helds = list(self.held.values())
         self.held.clear()
+        with trio.move_on_after(self.config.stop_budget):
+            for held in helds:
+                for mirror in list(held.mirrors.values()):
+                    await mirror.done.wait()
+        async with trio.open_nursery() as nursery:
+            for held in helds:
+                if held.state is HeldState.HELD:
+                    held.state = HeldState.GONE
+                    nursery.start_soon(self._release_one, held)
+
+    async def _release_one(self, held: Held) -> None:
+        with contextlib.suppress(BackendUnavailable):  # it expires by itself
+            await self.calls(self.calls.backend.release(held.lease))
 
     def lose(self, held: Held, why: str) -> bool:
         """The lease is no longer ours: stop the session's runs here.
@@ -120,40 +138,86 @@ class Owner:
             return False
         held.state = HeldState.GONE
         ref = held.lease.session
-        if self.held.get(ref) is held:
-            del self.held[ref]
         self.metrics.owner_lost += 1
         session = held.session
         lifecycle_event("lease_lost", session=ref.session_id, token=held.lease.token, cause=why)
-        session.moved = True
         current = session.current
+        if self.held.get(ref) is held:
+            del self.held[ref]
+            if self._nursery is not None:
+                # Until its run's cleanup is over, neither this node (a local
+                # prompt) nor an intent's stray-lease release lets it go.
+                self.lost[ref] = held
+                done = trio.Event()
+                self.releasing[ref] = done
+                self._nursery.start_soon(self._release_when_ended, held, current, done)
+        session.moved = True
         if current is not None:
             current.cancel(CancelReason.OWNER_LOST)
         session.close()
         return True
 
+    async def _release_when_ended(self, held: Held, run: Run | None, done: trio.Event) -> None:
+        """Once the lost session's run ended (its cleanup is bounded), give
+        the lease back if it is still ours (fenced: a no-op if it moved on),
+        so nobody waits for it to expire."""
+        ref = held.lease.session
+        try:
+            if run is not None:
+                with trio.move_on_after(self.config.cleanup_budget + self.config.call_timeout):
+                    await run.wait_ended()
+            with contextlib.suppress(BackendUnavailable):  # it expires by itself
+                await self.calls(self.calls.backend.release(held.lease))
+        finally:
+            if self.lost.get(ref) is held:
+                del self.lost[ref]
+            done.set()
+            if self.releasing.get(ref) is done:
+                del self.releasing[ref]
+
     # --- renewal ----------------------------------------------------------------
 
-    async def _renew_forever(self) -> None:
+    async def _forever(self, what: str, step: Callable[[], Awaitable[None]]) -> None:
+        """``step`` again and again. Error handling: an unexpected error (a
+        bug) is logged and the loop goes on after a pause (bounded,
+        doubling): one bad turn never ends the node."""
+        backoff = MIN_BACKOFF
         while True:
-            await trio.sleep(self.config.lease_ttl / 3)
-            async with trio.open_nursery() as nursery:
-                for held in list(self.held.values()):
-                    nursery.start_soon(self._renew, held)
+            try:
+                await step()
+            except Exception:
+                logger.exception("%s failed; going on", what)
+                await trio.sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+            else:
+                backoff = MIN_BACKOFF
+
+    async def _renew_forever(self) -> None:
+        await self._forever("renewing leases", self._renew_all)
+
+    async def _renew_all(self) -> None:
+        await trio.sleep(self.config.renew_every)
+        async with trio.open_nursery() as nursery:
+            for held in list(self.held.values()):
+                nursery.start_soon(self._renew, held)
 
     async def _watch_deadlines(self) -> None:
-        """A lease not renewed for a whole ttl may be someone else's by now
-        (it is asked for before the call, so the backend's expiry is never
-        earlier): stop its runs at that very moment, not at the next try."""
-        ttl = self.config.lease_ttl
-        while True:
-            now = trio.current_time()
-            for held in list(self.held.values()):
-                if now >= held.renewed_at + ttl:
-                    self.lose(held, "not renewed for a whole ttl")
-            # A lease taken later has a later deadline than any held now.
-            deadlines = [held.renewed_at + ttl for held in self.held.values()]
-            await trio.sleep_until(min(deadlines, default=now + ttl))
+        """A lease not renewed for ``give_up_after`` is given up at that very
+        moment (not at the next try): its runs are cancelled then, so their
+        cleanup and the publish of their end are over before the lease can
+        expire in the shared state (whose ttl started after ``renewed_at``)
+        and another node start a run of the session."""
+        await self._forever("watching lease deadlines", self._give_up_late_leases)
+
+    async def _give_up_late_leases(self) -> None:
+        after = self.config.give_up_after
+        now = trio.current_time()
+        for held in list(self.held.values()):
+            if now >= held.renewed_at + after:
+                self.lose(held, "not renewed in time")
+        # A lease taken later has a later deadline than any held now.
+        deadlines = [held.renewed_at + after for held in self.held.values()]
+        await trio.sleep_until(min(deadlines, default=now + after))
 
     async def _renew(self, held: Held) -> None:
         if held.state is HeldState.GONE:
@@ -169,7 +233,11 @@ class Owner:
                 )
             )
         except BackendUnavailable:
-            return  # tried again in ttl/3; _watch_deadlines gives up in time
+            return  # tried again soon; _watch_deadlines gives up in time
+        except Exception:
+            # A bug: logged; the other sessions' renewals go on.
+            logger.exception("renewing the lease of %s failed", held.lease.session)
+            return
         if renewed:
             held.renewed_at = asked_at
         elif self.lose(held, "renewal refused"):
@@ -208,8 +276,11 @@ class Owner:
             return
         mirror = Mirror(run)
         held.mirrors[run.run_id] = mirror
-        # Opened now, so the session is not idle before the terminal event is out.
-        subscription = run.subscribe().open()
+        # Not one of the run's readers (their limit is the clients'); the
+        # session is kept busy from now, so it is not idle (nor its lease
+        # released) before the terminal event is out.
+        subscription = run.subscribe(counted=False)
+        session.mirror_started()
         session.nursery.start_soon(self._mirror, held, mirror, subscription)
 
     async def wait_mirrored(self, run: Run) -> None:
@@ -246,13 +317,13 @@ class Owner:
                 if not mirror.terminal_published and held.state is not HeldState.GONE:
                     # Cancelled (the node is stopping): the run ends within its
                     # cleanup budget; publish how, once, bounded.
-                    budget = 2 * self.config.cleanup_budget + self.config.call_timeout
-                    with trio.move_on_after(budget, shield=True):
+                    with trio.move_on_after(self.config.stop_budget, shield=True):
                         await run.wait_ended()
                         pending += [event_dict(event) for event in subscription.take()]
                         if pending:
                             await self._publish_once(held, run, pending)
             finally:
+                held.session.mirror_ended()
                 held.mirrors.pop(run.run_id, None)
                 mirror.first_published.set()  # nothing more to wait for
                 mirror.done.set()
@@ -261,46 +332,48 @@ class Owner:
         self, held: Held, run: Run, events: list[dict[str, object]], *, with_record: bool
     ) -> bool:
         """Publish ``events`` (retrying while the backend is away and the
-        lease still ours); False once the lease is lost."""
-        backoff = 0.05
+        lease still ours); False once the lease is lost, or if the run's end
+        is already in the shared state (nothing more can be written for it;
+        the lease is not in doubt)."""
+        backoff = MIN_BACKOFF
         while held.state is not HeldState.GONE:
-            record = record_of(run, node=self.node, token=held.lease.token) if with_record else None
             try:
-                published = await self.calls(
-                    self.calls.backend.publish(
-                        held.lease,
-                        run.run_id,
-                        events,
-                        record=record,
-                        max_events=self.config.max_run_events,
-                        retain_seconds=self.config.retain_seconds,
-                    )
-                )
+                published = await self._publish_call(held, run, events, with_record=with_record)
             except BackendUnavailable:
                 await trio.sleep(backoff)
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 continue
-            if not published:
+            if published is Published.LEASE_LOST:
                 if self.lose(held, "publish refused"):
                     self.metrics.fenced_writes_refused += 1
+                return False
+            if published is Published.ENDED:
+                logger.warning("run %s already ended in the shared state", run.run_id)
                 return False
             return True
         return False
 
     async def _publish_once(self, held: Held, run: Run, events: list[dict[str, object]]) -> None:
-        record = record_of(run, node=self.node, token=held.lease.token)
         try:
-            published = await self.calls(
-                self.calls.backend.publish(
-                    held.lease,
-                    run.run_id,
-                    events,
-                    record=record,
-                    max_events=self.config.max_run_events,
-                    retain_seconds=self.config.retain_seconds,
-                )
-            )
+            published = await self._publish_call(held, run, events, with_record=True)
         except BackendUnavailable:
             return
-        if not published:
+        if published is Published.LEASE_LOST:
             self.metrics.fenced_writes_refused += 1
+
+    async def _publish_call(
+        self, held: Held, run: Run, events: list[dict[str, object]], *, with_record: bool
+    ) -> Published:
+        """One bounded publish of ``events`` (and the run's record as it
+        stands now, if asked) under ``held``'s lease."""
+        record = record_of(run, node=self.node, token=held.lease.token) if with_record else None
+        return await self.calls(
+            self.calls.backend.publish(
+                held.lease,
+                run.run_id,
+                events,
+                record=record,
+                max_events=self.config.max_run_events,
+                retain_seconds=self.config.retain_seconds,
+            )
+        )

@@ -27,8 +27,10 @@ Connections: two coredis clients, each with a pool of its own
 
 Timeouts: every call runs under ``trio.fail_after(timeout + block)`` and
 coredis' own connect/stream/pool timeouts; running out, a refused or lost
-connection, or any Redis error reply becomes
-:class:`~server.cluster.backend.BackendUnavailable`. coredis retries a
+connection, or an error reply that says Redis cannot serve now (LOADING,
+READONLY, OOM...) becomes :class:`~server.cluster.backend.BackendUnavailable`;
+any other error reply (WRONGTYPE, a script error) is a bug:
+:class:`~server.cluster.backend.BackendError`. coredis retries a
 command once on a connection error (a pooled connection that died with a
 restarted Redis), never on a timeout; the scripts are written so a retry
 after an unknown outcome is harmless (``publish`` skips events already
@@ -44,7 +46,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack
 from types import TracebackType
@@ -58,82 +59,31 @@ from coredis.commands.script import Script
 from . import redis_scripts as lua
 from .backend import (
     REPLY_TTL,
+    TERMINAL_TYPES,
+    BackendError,
     BackendUnavailable,
     Holder,
     Intent,
-    IntentKind,
     Lease,
+    Published,
     Reply,
-    ReplyStatus,
     SessionRef,
 )
 from .redis_clients import DEFAULT_MAX_BLOCKING, DEFAULT_TIMEOUT, MAX_BLOCK, clients
+from .redis_codec import (
+    created_at_of,
+    event_of,
+    holder_of,
+    intent_json,
+    is_outage,
+    parsed_intent,
+    reply_of,
+)
 
-# Seconds a blocking read waits at most in one call.
 # Entries one run_events / read_intents call returns at most.
 READ_BATCH: Final = 1000
 
 T = TypeVar("T")
-
-
-def _is_outage(error: BaseException) -> bool:
-    """A Redis error, a refused/lost connection or a timeout (all of a group)."""
-    if isinstance(error, BaseExceptionGroup):
-        return all(_is_outage(inner) for inner in error.exceptions)
-    return isinstance(error, coredis.exceptions.RedisError | OSError | TimeoutError)
-
-
-def _holder(reply: list[Any]) -> Holder:
-    _, node, token, pttl, busy, run = reply
-    return Holder(
-        node=str(node),
-        token=int(token),
-        expires_in=max(0.0, int(pttl) / 1000),
-        busy=busy == "1",
-        run_id=run or None,
-    )
-
-
-def _intent_json(intent: Intent) -> str:
-    return json.dumps(
-        {
-            "kind": intent.kind.value,
-            "principal": intent.session.principal,
-            "session_id": intent.session.session_id,
-            "from_node": intent.from_node,
-            "reply_to": intent.reply_to,
-            "run_id": intent.run_id,
-        }
-    )
-
-
-def _intent(text: str) -> Intent:
-    body = json.loads(text)
-    return Intent(
-        kind=IntentKind(body["kind"]),
-        session=SessionRef(principal=body["principal"], session_id=body["session_id"]),
-        from_node=body["from_node"],
-        reply_to=body["reply_to"],
-        run_id=body.get("run_id"),
-    )
-
-
-def _reply(text: str) -> Reply:
-    body = json.loads(text)
-    return Reply(
-        status=ReplyStatus(body["status"]), token=body.get("token"), record=body.get("record")
-    )
-
-
-def _event(fields: dict[str, str]) -> dict[str, Any]:
-    event: dict[str, Any] = json.loads(fields["e"])
-    event["seq"] = int(fields["seq"])
-    return event
-
-
-def _created_at(record: dict[str, Any]) -> float:
-    value = record.get("created_at")
-    return float(value) if isinstance(value, int | float) else time.time()
 
 
 class RedisBackend:
@@ -211,10 +161,14 @@ class RedisBackend:
                 return await call()
         except trio.TooSlowError as error:
             raise BackendUnavailable(f"redis did not answer within {self.timeout}s") from error
+        except coredis.exceptions.ResponseError as error:
+            if not is_outage(error):
+                raise BackendError(f"redis answered an error: {error}") from error
+            raise BackendUnavailable(f"redis: {error!r}") from error
         except (coredis.exceptions.RedisError, OSError) as error:  # OSError: TimeoutError too
             raise BackendUnavailable(f"redis: {error!r}") from error
         except ExceptionGroup as group:
-            if not _is_outage(group):
+            if not is_outage(group):
                 raise
             raise BackendUnavailable(f"redis: {group!r}") from group
 
@@ -232,11 +186,11 @@ class RedisBackend:
         reply = await self._script(self._acquire, keys, [node, lua.milliseconds(ttl)])
         if reply[0] == 1:
             return Lease(session=session, node=node, token=int(reply[1]))
-        return _holder(reply)
+        return holder_of(reply)
 
     async def holder(self, session: SessionRef) -> Holder | None:
         reply = await self._script(self._holder_script, [self.keys.lease(session)], [])
-        return None if reply is None else _holder(reply)
+        return None if reply is None else holder_of(reply)
 
     async def renew(self, lease: Lease, ttl: float, *, busy: bool, run_id: str | None) -> bool:
         args = [lease.token, lua.milliseconds(ttl), "1" if busy else "0", run_id or ""]
@@ -271,9 +225,8 @@ class RedisBackend:
         record: dict[str, Any] | None = None,
         max_events: int,
         retain_seconds: float,
-    ) -> bool:
-        """See the protocol; also False after the run's terminal event (Rule
-        4), and ValueError when ``events`` do not continue the stream."""
+    ) -> Published:
+        """See the protocol."""
         seqs = [int(event["seq"]) for event in events]
         if seqs and seqs != list(range(seqs[0], seqs[0] + len(seqs))):
             raise ValueError(f"events of run {run_id} are not consecutive: {seqs}")
@@ -283,30 +236,53 @@ class RedisBackend:
             lua.milliseconds(max(retain_seconds, lua.MIN_RETAIN)),
             lua.milliseconds(max(retain_seconds, lua.LIVE_RUN_TTL)),
             "" if record is None else json.dumps(record),
-            _created_at(record) if record is not None else 0,
+            created_at_of(record) if record is not None else 0,
             run_id,
+            lua.SESSION_RUNS_KEPT,
         ]
         for seq, event in zip(seqs, events, strict=True):
-            terminal = "1" if event.get("type") in lua.TERMINAL_TYPES else "0"
+            terminal = "1" if event.get("type") in TERMINAL_TYPES else "0"
             args += [seq, terminal, json.dumps(event)]
         result = await self._script(self._publish, self._run_keys(lease, run_id), args)
         if result == -1:
             raise ValueError(f"events of run {run_id} from seq {seqs[0]} leave a gap")
-        return bool(result == 1)
+        return {1: Published.WRITTEN, 2: Published.ENDED}.get(int(result), Published.LEASE_LOST)
 
     async def end_orphan(
         self, lease: Lease, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
     ) -> bool:
+        return await self._end_orphan_if(lease.session, lease.token, run_id, terminal, record)
+
+    async def end_orphan_unleased(
+        self, session: SessionRef, run_id: str, terminal: dict[str, Any], record: dict[str, Any]
+    ) -> bool:
+        return await self._end_orphan_if(session, "", run_id, terminal, record)
+
+    async def _end_orphan_if(
+        self,
+        session: SessionRef,
+        token: int | str,
+        run_id: str,
+        terminal: dict[str, Any],
+        record: dict[str, Any],
+    ) -> bool:
         event = {key: value for key, value in terminal.items() if key != "seq"}
+        keys = [
+            self.keys.lease(session),
+            self.keys.events(run_id),
+            self.keys.run(run_id),
+            self.keys.session_runs(session),
+        ]
         args = [
-            lease.token,
+            token,
             json.dumps(event),
             json.dumps(record),
             lua.milliseconds(max(self.retain_seconds, lua.MIN_RETAIN)),
-            _created_at(record),
+            created_at_of(record),
             run_id,
+            lua.SESSION_RUNS_KEPT,
         ]
-        seq = await self._script(self._end_orphan, self._run_keys(lease, run_id), args)
+        seq = await self._script(self._end_orphan, keys, args)
         return int(seq) >= 0
 
     async def forget_run(self, lease: Lease, run_id: str) -> bool:
@@ -323,7 +299,7 @@ class RedisBackend:
     ) -> list[dict[str, Any]]:
         stream = self.keys.events(run_id)
         entries = await self._read_stream(stream, f"0-{after_seq + 1}", block)
-        return [_event(dict(entry.field_values)) for entry in entries]
+        return [event_of(dict(entry.field_values)) for entry in entries]
 
     async def session_runs(self, session: SessionRef, limit: int) -> list[dict[str, Any]]:
         if limit <= 0:
@@ -335,18 +311,18 @@ class RedisBackend:
     # --- intents ----------------------------------------------------------
 
     async def send_intent(self, to_node: str, intent: Intent) -> None:
-        args = [lua.INBOX_MAXLEN, lua.milliseconds(lua.INBOX_TTL), _intent_json(intent)]
+        args = [lua.INBOX_MAXLEN, lua.milliseconds(lua.INBOX_TTL), intent_json(intent)]
         await self._script(self._send_intent, [self.keys.inbox(to_node)], args)
 
     async def read_intents(
         self, node: str, after: str, *, block: float
-    ) -> list[tuple[str, Intent]]:
+    ) -> list[tuple[str, Intent | None]]:
         inbox = self.keys.inbox(node)
         entries = await self._read_stream(inbox, after, block)
         if entries:
             ttl = lua.milliseconds(lua.INBOX_TTL)
             await self._call(lambda: self._commands.pexpire(inbox, ttl))
-        return [(str(entry.identifier), _intent(entry.field_values["i"])) for entry in entries]
+        return [(str(entry.identifier), parsed_intent(entry)) for entry in entries]
 
     async def reply(self, reply_to: str, reply: Reply) -> None:
         body = {"status": reply.status.value, "token": reply.token, "record": reply.record}
@@ -364,7 +340,7 @@ class RedisBackend:
             text = await self._call(
                 lambda: self._blocking.blmove(key, key, left, left, timeout=block), block=block
             )
-        return None if text is None else _reply(text)
+        return None if text is None else reply_of(text)
 
     async def _read_stream(self, key: str, after: str, block: float) -> list[Any]:
         """Entries of one stream after id ``after``, waiting up to ``block``."""

@@ -11,6 +11,8 @@ import coredis
 import coredis.exceptions
 from coredis.retry import ConstantRetryPolicy
 
+from .urls import redacted
+
 # Seconds a blocking read waits at most in one call.
 MAX_BLOCK: Final = 10.0
 DEFAULT_TIMEOUT: Final = 2.0
@@ -24,9 +26,11 @@ def check_url(url: str) -> str:
     """``url`` if it names a Redis server, else ValueError with the reason."""
     parsed = urlparse(url)
     if parsed.scheme not in URL_SCHEMES:
-        raise ValueError(f"redis url must start with redis://, rediss:// or unix://: {url!r}")
+        raise ValueError(
+            f"redis url must start with redis://, rediss:// or unix://: {redacted(url)!r}"
+        )
     if parsed.scheme != "unix" and not parsed.hostname:
-        raise ValueError(f"redis url has no host: {url!r}")
+        raise ValueError(f"redis url has no host: {redacted(url)!r}")
     return url
 
 

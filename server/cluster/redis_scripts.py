@@ -35,13 +35,12 @@ from __future__ import annotations
 
 from typing import Final
 
+from .backend import SESSION_RUNS_KEPT as SESSION_RUNS_KEPT
 from .backend import SessionRef
 
 PREFIX: Final = "tss:"
 INBOX_MAXLEN: Final = 10_000
 INBOX_TTL: Final = 86_400.0
-# Sessions keep the ids of this many newest runs.
-SESSION_RUNS_KEPT: Final = 100
 # A run's stream and record live this long after their last write while the
 # run is not terminal, so a run whose owner vanished and whose session is
 # never used again does not stay in Redis for ever.
@@ -49,11 +48,6 @@ LIVE_RUN_TTL: Final = 86_400.0
 # The retention clock never runs shorter than this, so a reader following a
 # run live still finds its terminal event (--retain-seconds 0).
 MIN_RETAIN: Final = 1.0
-# Event types that end a run (server.core.events' terminal types; the
-# seam passes events as dicts, so the backend knows them by name).
-TERMINAL_TYPES: Final = frozenset(
-    {"run.completed", "run.cancelled", "run.interrupted", "run.failed"}
-)
 
 
 class Keys:
@@ -185,7 +179,7 @@ return token
 
 # KEYS lease, events, record, session runs;
 # ARGV token, max_events, retain_ms, live_ms, record ('' none), created_at,
-#      run_id, then (seq, terminal, json) per event.
+#      run_id, runs kept per session, then (seq, terminal, json) per event.
 # -> 1 written, 0 not the lease holder, 2 after a terminal event, -1 gap.
 # Events the stream already has (seq <= its last) are skipped, so a publish
 # retried after an unknown outcome appends nothing twice.
@@ -195,13 +189,13 @@ PUBLISH = (
 if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return 0 end
 local last, ended = last_event(KEYS[2])
 local first = nil
-for i = 8, #ARGV, 3 do
+for i = 9, #ARGV, 3 do
   if tonumber(ARGV[i]) > last then first = i break end
 end
 if first then
   if ended then return 2 end
   if tonumber(ARGV[first]) ~= last + 1 then return -1 end
-elseif ended and #ARGV < 8 then
+elseif ended and #ARGV < 9 then
   return 2
 end
 if first then
@@ -214,7 +208,7 @@ end
 if ARGV[5] ~= '' then
   redis.call('SET', KEYS[3], ARGV[5])
   redis.call('ZADD', KEYS[4], 'NX', ARGV[6], ARGV[7])
-  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -101)
+  redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -1 - tonumber(ARGV[8]))
 end
 local ttl = ended and ARGV[3] or ARGV[4]
 redis.call('PEXPIRE', KEYS[2], ttl)
@@ -225,19 +219,22 @@ return 1
 )
 
 # KEYS lease, events, record, session runs;
-# ARGV token, terminal json, record json, retain_ms, created_at, run_id
-# -> the terminal's seq, or -1 (not the lease holder), -2 (already ended).
+# ARGV token ("": only if nobody holds the lease), terminal json, record
+# json, retain_ms, created_at, run_id, runs kept per session
+# -> the terminal's seq, or -1 (not the lease holder / held), -2 (already ended).
 END_ORPHAN = (
     _LAST_EVENT
     + """
-if redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return -1 end
+if ARGV[1] == '' then
+  if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
+elseif redis.call('HGET', KEYS[1], 'token') ~= ARGV[1] then return -1 end
 local last, ended = last_event(KEYS[2])
 if ended then return -2 end
 local seq = last + 1
 redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'seq', seq, 't', '1', 'e', ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3])
 redis.call('ZADD', KEYS[4], 'NX', ARGV[5], ARGV[6])
-redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -101)
+redis.call('ZREMRANGEBYRANK', KEYS[4], 0, -1 - tonumber(ARGV[7]))
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[3], ARGV[4])
 if redis.call('PTTL', KEYS[4]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[4], ARGV[4]) end

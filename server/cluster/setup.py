@@ -20,6 +20,7 @@ from ..settings import Settings
 from .backend import BackendUnavailable, ClusterBackend, SessionRef
 from .coordinator import ClusterCoordinator
 from .held import ClusterConfig, new_node_id
+from .urls import redacted
 
 REDIS_BACKEND = "server.cluster.redis_backend"
 
@@ -65,7 +66,9 @@ async def check_reachable(backend: ClusterBackend, url: str, within: float) -> N
         with trio.fail_after(within):
             await backend.holder(SessionRef(principal="", session_id="startup-check"))
     except (BackendUnavailable, trio.TooSlowError, OSError) as exc:
-        raise ClusterUnreachable(f"cannot reach Redis at {url}; check --redis-url") from exc
+        raise ClusterUnreachable(
+            f"cannot reach Redis at {redacted(url)}; check --redis-url"
+        ) from exc
 
 
 async def open_cluster(

@@ -37,6 +37,11 @@ class SessionClosed(Exception):
     for it; the submission may be retried."""
 
 
+class SessionMoved(SessionClosed):
+    """Cluster mode: the session's ownership moved to another node (handed
+    over, or its lease lost) while a submission waited: it asks again."""
+
+
 class CoordinatorUnavailable(Exception):
     """Cluster mode: the shared state (Redis) could not be reached in time,
     so the session's ownership could not be settled; nothing was started.

@@ -13,6 +13,7 @@ Exactly one of the terminal types ends every run's log.
 from __future__ import annotations
 
 import enum
+import typing
 from typing import ClassVar, TypedDict
 
 import attrs
@@ -179,6 +180,10 @@ RunEvent = (
     RunStarted | RunDelta | RunMessage | RunCompleted | RunCancelled | RunInterrupted | RunFailed
 )
 TerminalEvent = RunCompleted | RunCancelled | RunInterrupted | RunFailed
+# The terminal events' types, for events carried as dicts (the cluster's).
+TERMINAL_TYPES: frozenset[str] = frozenset(
+    event.type for event in typing.get_args(RunEvent) if event.terminal
+)
 
 
 def status_of(event: TerminalEvent) -> RunStatus:

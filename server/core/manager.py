@@ -30,7 +30,15 @@ import trio
 from .agent import Agent, AgentRequest
 from .config import EngineConfig
 from .coordinator import Coordinator, InProcessCoordinator
-from .errors import Draining, QueueFull, RunInProgress, SessionClosed, TooManyRuns, TooManySessions
+from .errors import (
+    Draining,
+    QueueFull,
+    RunInProgress,
+    SessionClosed,
+    SessionMoved,
+    TooManyRuns,
+    TooManySessions,
+)
 from .events import CancelReason
 from .lifecycle_log import current_node
 from .registry import RunRegistry
@@ -44,7 +52,6 @@ __all__ = ["Draining", "EngineConfig", "SessionClosed", "SessionManager"]
 
 # Times one submission follows its session to another owner before giving up.
 MAX_MOVES = 8
-_MOVED = "moved"
 
 
 def ephemeral_session_id() -> str:
@@ -138,9 +145,8 @@ class SessionManager:
             for _ in range(MAX_MOVES):
                 try:
                     return await self._submit(principal, session_id, request, on_conflict)
-                except SessionClosed as closed:
-                    if not closed.args or closed.args[0] is not _MOVED:
-                        raise
+                except SessionMoved:
+                    pass  # asks again: the session lives elsewhere now
             raise SessionClosed
         finally:
             if node is not None:
@@ -198,7 +204,7 @@ class SessionManager:
                 run = await session.submit(request, ticket, on_conflict=on_conflict)
             except SessionClosed:
                 if session.moved:
-                    raise SessionClosed(_MOVED) from None
+                    raise SessionMoved from None
                 raise
             if self.coordinator.run_started is not None:
                 self.coordinator.run_started(session, run)

@@ -92,6 +92,10 @@ class NullObserver:
         return None
 
 
+def _uncounted(delta: int) -> None:
+    return None
+
+
 def new_run_id() -> str:
     return f"run_{uuid.uuid4().hex}"
 
@@ -242,12 +246,16 @@ class Run:
     async def wait_ended(self) -> None:
         await self._ended.wait()
 
-    def subscribe(self, *, after: int = -1) -> Subscription:
+    def subscribe(self, *, after: int = -1, counted: bool = True) -> Subscription:
         """A reader starting after event ``after`` (``-1``: from the start).
 
         Raises :class:`TooManySubscribers` when ``max_subscribers`` readers
         are open; open the subscription at once (synchronously) so the count
-        cannot be overtaken."""
+        cannot be overtaken. ``counted=False``: the server's own reader (the
+        cluster's run mirror), outside the readers' limit and count; whoever
+        opens it keeps the session busy by its own means."""
+        if not counted:
+            return Subscription(self.log, _uncounted, cursor=after + 1)
         limit = self.config.max_subscribers
         if self.subscriber_count >= limit:
             raise TooManySubscribers(f"This run already has {limit} readers, its limit.")

@@ -131,6 +131,9 @@ class Session:
     # Cluster mode: the session's ownership moved to another node (handed
     # over, or its lease lost): a submission told SessionClosed asks again.
     moved: bool = attrs.field(default=False, init=False)
+    # Cluster mode: run mirrors still copying a run to the shared state;
+    # the session is not idle (its lease is not released) before they end.
+    mirrors: int = attrs.field(default=0, init=False)
 
     current: Run | None = attrs.field(default=None, init=False)
     users: int = attrs.field(default=0, init=False)
@@ -156,8 +159,10 @@ class Session:
         """No submitter, no run that has not ended (one still recording its
         start included), no reader of the current run."""
         current = self.current
-        return self.users == 0 and (
-            current is None or (current.ended and current.subscriber_count == 0)
+        return (
+            self.users == 0
+            and self.mirrors == 0
+            and (current is None or (current.ended and current.subscriber_count == 0))
         )
 
     # --- the session's task -------------------------------------------------
@@ -202,6 +207,14 @@ class Session:
             self.closed = True
             self._ready.set()
             self.on_dropped(self)
+
+    def mirror_started(self) -> None:
+        self.mirrors += 1
+        self._touch()
+
+    def mirror_ended(self) -> None:
+        self.mirrors -= 1
+        self._touch()
 
     def _touch(self) -> None:
         self._idle_since = trio.current_time()

@@ -29,13 +29,16 @@ from ..store import StoreError
 from ..wire import NativeNdjsonEncoder, NativeSseEncoder
 from ..wire.native import usage_dict
 from .errors import ApiError
-from .remote_stream import remote_frames, remote_stream_response
+from .remote_stream import RemoteStream
 from .requests import parse_session_id
 from .state import AppState
 from .streaming import RunStream, StreamResponse
 
 RECENT_RUNS = 10
 SEQ = re.compile(r"[0-9]{1,9}")  # ASCII digits only: str.isdigit() also takes "²"
+# What server.core.run.new_run_id makes. Anything else is no run of ours and
+# never reaches the shared state (a run id is part of its key names).
+RUN_ID = re.compile(r"run_[0-9a-f]{32}")
 
 
 def run_json(result: RunResult) -> dict[str, Any]:
@@ -78,6 +81,8 @@ def parse_after(run_id: str) -> int:
 def install_run_routes(app: QuartTrio, state: AppState) -> None:
     def lookup(run_id: str) -> tuple[str, Run | Gone | None]:
         principal = state.keyring.authenticate(request.headers.get("Authorization"))
+        if not RUN_ID.fullmatch(run_id):
+            raise ApiError(404, "run_not_found", "No such run.")
         return principal, state.running_manager().runs.lookup(principal, run_id)
 
     def find_run(run_id: str) -> Run:
@@ -127,11 +132,17 @@ def install_run_routes(app: QuartTrio, state: AppState) -> None:
         assert record is not None
         ndjson = "application/x-ndjson" in request.headers.get("Accept", "")
         encoder = NativeNdjsonEncoder() if ndjson else NativeSseEncoder()
-        frames = remote_frames(
-            state.cluster, principal, run_id, after, encoder, state.settings.heartbeat_interval
+        stream = RemoteStream(
+            state.cluster,
+            principal,
+            run_id,
+            record["session_id"],
+            encoder,
+            state.settings.heartbeat_interval,
+            after=after,
         )
         headers = {"X-Run-Id": run_id, "X-Session-Id": record["session_id"]}
-        return remote_stream_response(app.response_class, frames, encoder, headers)
+        return StreamResponse(stream, headers)
 
     @app.get("/v1/runs/<run_id>/events")
     async def run_events(run_id: str) -> Response:  # noqa: ASYNC124

@@ -177,13 +177,26 @@ class RunStream:
             self.run.cancel(CancelReason.CLIENT_DISCONNECT)
 
 
+class BodyStream(Protocol):
+    """A response body that reads one run: :class:`RunStream` (a local run)
+    or :class:`~server.web.remote_stream.RemoteStream` (another node's)."""
+
+    encoder: FrameEncoder
+    meter: StreamMeter
+    connection_timed_out: Callable[[], bool]
+
+    def __aiter__(self) -> AsyncIterator[bytes]: ...
+
+    def close(self) -> None: ...
+
+
 class StreamResponse(TrioResponse):
     """A streaming response whose body reads one run: the HTTP connection
     (:class:`~server.web.asgi.StreamingHTTPConnection`) finds the
-    :class:`RunStream` here, to meter it and to close it if the body was
-    never iterated."""
+    stream here, to meter it and to close it if the body was never
+    iterated."""
 
-    def __init__(self, stream: RunStream, headers: dict[str, str]) -> None:
+    def __init__(self, stream: BodyStream, headers: dict[str, str]) -> None:
         super().__init__(
             # Quart-Trio streams async generators; anything else it iterates
             # synchronously.

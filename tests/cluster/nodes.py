@@ -8,16 +8,19 @@ from typing import Any
 import attrs
 import trio
 
+from server.cluster.backend import TERMINAL_TYPES
 from server.cluster.coordinator import ClusterCoordinator
 from server.cluster.held import ClusterConfig
-from server.cluster.memory import MemoryBackend, MemoryLink
+from server.cluster.memory import MemoryBackend
+from server.cluster.memory_link import MemoryLink
 from server.core import AgentRequest, EngineConfig, OnConflict, SessionManager
 from server.core.agent import Agent
 from server.core.result import RunResult
 from server.core.run import Run
 
 PRINCIPAL = "key-test"
-TTL = 9.0
+# Longer than the cleanup budget (5 s) and two call timeouts (2 s each).
+TTL = 12.0
 
 
 class RecordingObserver:
@@ -83,9 +86,6 @@ async def start_node(
     )
     await nursery.start(manager.serve)
     return Node(name, manager, coordinator, link, observer)
-
-
-TERMINAL_TYPES = {"run.completed", "run.cancelled", "run.interrupted", "run.failed"}
 
 
 def terminals(backend: MemoryBackend, run_id: str) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from typing import Any
 import httpx2
 import trio
 
+from server.settings import CLUSTER_CALL_TIMEOUT
 from tests.faults.support import ndjson_headers, stored_runs
 from tests.integration.harness import (
     FakeUpstreamProcess,
@@ -39,7 +40,11 @@ from tests.integration.wire import CHAT_PATH, auth
 
 ADMIN_KEY = "cluster-admin"
 OTHER_KEY = "other"
-LEASE_TTL = 2.0
+# The shortest lease a node accepts with this cleanup budget: it gives a
+# session up CLEANUP_BUDGET + one call before the lease can expire, and
+# needs a call's time to renew (server.settings.check_lease_ttl).
+CLEANUP_BUDGET = 0.5
+LEASE_TTL = CLEANUP_BUDGET + 2 * CLUSTER_CALL_TIMEOUT + 0.5
 STREAM_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 15.0
 TERMINAL = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})
@@ -70,6 +75,7 @@ def running_node(
         with running_server(
             "--redis-url", redis_url,
             "--lease-ttl", str(ttl),
+            "--cleanup-budget", str(CLEANUP_BUDGET),
             "--agent", "openai",
             "--upstream-url", f"{upstream.url}/v1",
             "--model", "fake",

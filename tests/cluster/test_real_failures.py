@@ -1,5 +1,5 @@
 """A node killed (kill -9) while it runs a session's run: another node takes
-the session once the lease expired (``--lease-ttl 2``), and the dead node's
+the session once the lease expired (a short ``--lease-ttl``), and the dead node's
 run reads ``interrupted/owner_lost`` with exactly one terminal event, also
 to a reader following it from another node."""
 

@@ -53,7 +53,7 @@ def cluster(redis_executable: str) -> Iterator[Cluster]:
         running_redis(redis_executable) as redis,
         running_upstream() as upstream,
         # The default lease TTL: these tests are about supersedes, and a
-        # 2 s lease (what the failure tests use, to be quick) can run out
+        # short lease (what the failure tests use, to be quick) can run out
         # when the suite's workers starve a node of CPU for that long.
         running_node(redis.url, upstream, ttl=DEFAULT_LEASE_TTL) as one,
         running_node(redis.url, upstream, ttl=DEFAULT_LEASE_TTL) as two,
