@@ -18,7 +18,7 @@ from benchmarks._compare_proc import SERVERS
 from benchmarks._report import BEGIN, END
 from benchmarks.compare import SCALES, SCENARIOS, SEEDS
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 

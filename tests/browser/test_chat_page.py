@@ -29,7 +29,7 @@ from .proxy import SeverableProxy
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Locator, Page
 
-pytestmark = [pytest.mark.browser, pytest.mark.integration]
+pytestmark = [pytest.mark.browser, pytest.mark.integration, pytest.mark.slow]
 
 # Words on screen before the test acts on a streaming answer.
 SHOWN_WORDS = 4

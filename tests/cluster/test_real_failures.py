@@ -28,7 +28,7 @@ from .real import (
 )
 from .redis_process import RedisProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 async def test_kill_9_of_the_owner_mid_run(

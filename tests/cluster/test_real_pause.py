@@ -30,7 +30,7 @@ from .real import (
 )
 from .redis_process import RedisProcess
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 async def test_sigstop_past_the_lease_then_sigcont(

@@ -27,7 +27,7 @@ from .real import (
 )
 from .redis_process import RedisProcess, free_port
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 RECOVERY_TIMEOUT = 20.0
 

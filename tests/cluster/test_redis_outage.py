@@ -26,7 +26,7 @@ from server.cluster.redis_backend import RedisBackend
 
 from .redis_process import RedisProcess, free_port
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 S = SessionRef(principal="alice", session_id="s1")
 TIMEOUT = 0.5

@@ -25,7 +25,7 @@ from server.settings import Settings
 from .harness import FAST_REPLY, ServerProcess, running_server
 from .wire import CHAT_PATH, auth, chat_body, stream_chat
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Runs of about five seconds: long enough to hold open while a test pushes
 # against a limit.
