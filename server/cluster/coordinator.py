@@ -113,6 +113,15 @@ class ClusterCoordinator:
 
     async def acquire(self, session: Session, on_conflict: OnConflict) -> None:
         ref = ref_of(session.key)
+        self.owner.acquiring[ref] += 1
+        try:
+            await self._acquire(session, ref, on_conflict)
+        finally:
+            self.owner.acquiring[ref] -= 1
+            if not self.owner.acquiring[ref]:
+                del self.owner.acquiring[ref]
+
+    async def _acquire(self, session: Session, ref: SessionRef, on_conflict: OnConflict) -> None:
         try:
             releasing = self.owner.releasing.get(ref)
             if releasing is not None:  # our own release of it, on its way

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from typing import Protocol
 
 import attrs
@@ -49,6 +50,8 @@ class OwnerView(Protocol):
     # Sessions held here, and those whose lease was lost while their runs end.
     held: dict[SessionRef, Held]
     lost: dict[SessionRef, Held]
+    # Sessions an acquire here is taking (a handover may be on its way).
+    acquiring: Counter[SessionRef]
 
     def holds(self, ref: SessionRef, token: int) -> bool: ...
 
@@ -162,7 +165,12 @@ class Intents:
         to expire. A session whose lease was given up while its runs are
         still ending keeps it (it is released once they ended)."""
         ref = intent.session
-        if intent.token is None or self.owner.holds(ref, intent.token) or ref in self.owner.lost:
+        if (
+            intent.token is None
+            or self.owner.holds(ref, intent.token)
+            or ref in self.owner.lost
+            or ref in self.owner.acquiring  # a handover to us, not held yet
+        ):
             return
         lease = Lease(session=ref, node=self.owner.node, token=intent.token)
         with contextlib.suppress(BackendUnavailable):  # it expires by itself

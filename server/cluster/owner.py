@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 
 import attrs
@@ -54,6 +55,10 @@ class Owner:
     lost: dict[SessionRef, Held] = attrs.field(factory=dict)
     # Releases on their way, by session: an acquire of the same session waits.
     releasing: dict[SessionRef, trio.Event] = attrs.field(factory=dict)
+    # Sessions an acquire here is taking: a lease handed over to this node
+    # is in the backend before its reply reaches the acquire (and before it
+    # is held), so it is no stray lease to release meanwhile.
+    acquiring: Counter[SessionRef] = attrs.field(factory=Counter)
     _nursery: trio.Nursery | None = attrs.field(default=None, init=False)
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
