@@ -174,7 +174,14 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         float,
         defaults.lease_ttl,
         "cluster mode: seconds a session's lease lives unrenewed (how long a dead node holds "
-        "it); must exceed --cleanup-budget + 4 (two 2 s call timeouts)",
+        "it); must exceed --cleanup-budget + 2 x --redis-timeout",
+    )
+    option(
+        "--redis-timeout",
+        float,
+        defaults.redis_timeout,
+        "cluster mode: seconds one call to Redis may take before the node treats Redis as "
+        "unreachable",
     )
     option("--retain-runs", int, defaults.retain_runs, "ended runs kept for reattach")
     option("--retain-seconds", float, defaults.retain_seconds, "seconds an ended run is kept")
@@ -201,6 +208,12 @@ def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         int,
         defaults.workers,
         "node processes serving the port, each with its own drain; above 1 needs --redis-url",
+    )
+    option(
+        "--max-worker-restarts",
+        int,
+        defaults.max_worker_restarts,
+        "--workers: restarts of one worker within a minute before the server gives up and exits 1",
     )
     env_keys = [key for key in environ.get(ENV_PREFIX + "API_KEYS", "").split(",") if key.strip()]
     parser.add_argument(
@@ -254,6 +267,7 @@ def parse_settings(
             store_prompts=args.store_prompts,
             redis_url=args.redis_url or None,
             lease_ttl=args.lease_ttl,
+            redis_timeout=args.redis_timeout,
             retain_runs=args.retain_runs,
             retain_seconds=args.retain_seconds,
             retain_bytes=args.retain_bytes,
@@ -268,6 +282,7 @@ def parse_settings(
             connect_timeout=args.connect_timeout,
             thread_limit=args.thread_limit,
             workers=args.workers,
+            max_worker_restarts=args.max_worker_restarts,
         )
         check_agent_settings(settings)
     except (AgentConfigError, ValueError) as exc:

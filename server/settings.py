@@ -20,7 +20,8 @@ MiB = 1024 * 1024
 _ENGINE = EngineConfig()
 
 
-# Seconds one call to the cluster's shared state may take (not a flag).
+# Seconds one call to the cluster's shared state may take, by default
+# (--redis-timeout).
 CLUSTER_CALL_TIMEOUT = 2.0
 
 
@@ -32,8 +33,8 @@ def check_lease_ttl(lease_ttl: float, cleanup_budget: float, call_timeout: float
     least = cleanup_budget + 2 * call_timeout
     if not lease_ttl > least:
         raise ValueError(
-            f"--lease-ttl must exceed --cleanup-budget + 2 x the {call_timeout:g} s call "
-            f"timeout ({least:g} s here), got {lease_ttl:g}"
+            f"--lease-ttl must exceed --cleanup-budget + 2 x --redis-timeout "
+            f"({least:g} s here), got {lease_ttl:g}"
         )
 
 
@@ -98,6 +99,10 @@ class Settings:
     # Seconds a session's lease lives without renewal: how long a dead node
     # can hold a session.
     lease_ttl: float = attrs.field(default=10.0, validator=attrs.validators.gt(0))
+    # The bound of every call to Redis; a lease must outlive two of them.
+    redis_timeout: float = attrs.field(
+        default=CLUSTER_CALL_TIMEOUT, validator=attrs.validators.gt(0)
+    )
     # Keep each run's prompt in the run store (off: the prompt column is NULL).
     store_prompts: bool = False
     # Ended runs whose events stay available for reattach (then 410).
@@ -128,6 +133,8 @@ class Settings:
     thread_limit: int = attrs.field(default=16, validator=attrs.validators.ge(1))
     # Node processes serving the port (server.supervisor); above 1 needs redis_url.
     workers: int = attrs.field(default=1, validator=attrs.validators.ge(1))
+    # Restarts of one worker within a minute before the supervisor gives up.
+    max_worker_restarts: int = attrs.field(default=5, validator=attrs.validators.ge(0))
 
     def engine_config(self) -> EngineConfig:
         """The engine's configuration from these settings (what they do not
@@ -151,7 +158,7 @@ class Settings:
 
     def __attrs_post_init__(self) -> None:
         if self.redis_url:
-            check_lease_ttl(self.lease_ttl, self.cleanup_budget, CLUSTER_CALL_TIMEOUT)
+            check_lease_ttl(self.lease_ttl, self.cleanup_budget, self.redis_timeout)
 
     @property
     def uses_dev_key(self) -> bool:

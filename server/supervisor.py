@@ -39,8 +39,9 @@ exits 0 once every worker it stopped exited 0, and
 Restarts: a worker that exits while the parent is not stopping (crashed,
 killed, or told to stop on its own) is restarted with the same index and
 data dir after a backoff of 0.25 s doubling up to 5 s
-(:class:`RestartPolicy`); a worker that exits a 6th time within 60 s makes
-the parent give up: it stops the others as on SIGTERM and exits 1. A
+(:class:`RestartPolicy`); a worker that exits once more than
+``--max-worker-restarts`` (5) times within 60 s makes the parent give up:
+it stops the others as on SIGTERM and exits 1. A
 worker that exits with status 2 before it listens (a start-up error the
 operator must fix) is not restarted: the parent stops the others and exits
 2 (the worker printed the one line). A worker that does not listen within
@@ -139,7 +140,10 @@ class Supervisor:
     announced: bool = attrs.field(default=False, init=False)
 
     def __attrs_post_init__(self) -> None:
-        self.slots = [Slot(index) for index in range(self.settings.workers)]
+        self.slots = [
+            Slot(index, RestartPolicy(max_restarts=self.settings.max_worker_restarts))
+            for index in range(self.settings.workers)
+        ]
 
     @property
     def stop_timeout(self) -> float:

@@ -85,10 +85,17 @@ async def open_cluster(
         raise
     node = new_node_id()
     set_process_node(node)
-    config = ClusterConfig(
+    coordinator = ClusterCoordinator(
+        backend=hosted.backend, config=cluster_config(settings), node=node
+    )
+    return coordinator, hosted
+
+
+def cluster_config(settings: Settings) -> ClusterConfig:
+    return ClusterConfig(
         lease_ttl=settings.lease_ttl,
         cleanup_budget=settings.cleanup_budget,
+        call_timeout=settings.redis_timeout,
         max_run_events=settings.max_run_events,
         retain_seconds=settings.retain_seconds,
     )
-    return ClusterCoordinator(backend=hosted.backend, config=config, node=node), hosted

@@ -40,11 +40,15 @@ from tests.integration.wire import CHAT_PATH, auth
 
 ADMIN_KEY = "cluster-admin"
 OTHER_KEY = "other"
-# The shortest lease a node accepts with this cleanup budget: it gives a
-# session up CLEANUP_BUDGET + one call before the lease can expire, and
-# needs a call's time to renew (server.settings.check_lease_ttl).
+# The shortest lease a node accepts with this cleanup budget and Redis call
+# bound: it gives a session up CLEANUP_BUDGET + one call before the lease
+# can expire, and needs a call's time to renew
+# (server.settings.check_lease_ttl). Half the default call bound keeps the
+# waits for a dead node's lease short; Redis answers on loopback in well
+# under a millisecond.
 CLEANUP_BUDGET = 0.5
-LEASE_TTL = CLEANUP_BUDGET + 2 * CLUSTER_CALL_TIMEOUT + 0.5
+REDIS_TIMEOUT = CLUSTER_CALL_TIMEOUT / 2
+LEASE_TTL = CLEANUP_BUDGET + 2 * REDIS_TIMEOUT + 0.5
 STREAM_TIMEOUT = 30.0
 SETTLE_TIMEOUT = 15.0
 TERMINAL = frozenset({"run.completed", "run.cancelled", "run.interrupted", "run.failed"})
@@ -65,6 +69,7 @@ def running_node(
     upstream: ServerProcess,
     *args: str,
     ttl: float = LEASE_TTL,
+    redis_timeout: float = REDIS_TIMEOUT,
     data_dir: Path | None = None,
 ) -> Iterator[ServerProcess]:
     """One node. Its data dir is removed when the block ends, unless the test
@@ -75,6 +80,7 @@ def running_node(
         with running_server(
             "--redis-url", redis_url,
             "--lease-ttl", str(ttl),
+            "--redis-timeout", str(redis_timeout),
             "--cleanup-budget", str(CLEANUP_BUDGET),
             "--agent", "openai",
             "--upstream-url", f"{upstream.url}/v1",

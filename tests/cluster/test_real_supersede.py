@@ -36,6 +36,7 @@ from .redis_process import running_redis
 pytestmark = pytest.mark.integration
 
 DEFAULT_LEASE_TTL = Settings().lease_ttl
+DEFAULT_REDIS_TIMEOUT = Settings().redis_timeout
 
 TRIALS = 50
 BATCH = 25
@@ -55,17 +56,43 @@ def cluster(redis_executable: str) -> Iterator[Cluster]:
         # The default lease TTL: these tests are about supersedes, and a
         # short lease (what the failure tests use, to be quick) can run out
         # when the suite's workers starve a node of CPU for that long.
-        running_node(redis.url, upstream, ttl=DEFAULT_LEASE_TTL) as one,
-        running_node(redis.url, upstream, ttl=DEFAULT_LEASE_TTL) as two,
+        running_node(
+            redis.url, upstream, ttl=DEFAULT_LEASE_TTL, redis_timeout=DEFAULT_REDIS_TIMEOUT
+        ) as one,
+        running_node(
+            redis.url, upstream, ttl=DEFAULT_LEASE_TTL, redis_timeout=DEFAULT_REDIS_TIMEOUT
+        ) as two,
     ):
         yield Cluster(upstream, (one, two))
 
 
+@pytest.fixture(scope="module")
+def one_port(redis_executable: str) -> Iterator[Cluster]:
+    """``--workers 2``: two nodes behind one listening socket, so each of a
+    trial's two connections goes to whichever worker accepts it first."""
+    with (
+        running_redis(redis_executable) as redis,
+        running_upstream() as upstream,
+        running_node(
+            redis.url,
+            upstream,
+            "--workers",
+            "2",
+            ttl=DEFAULT_LEASE_TTL,
+            redis_timeout=DEFAULT_REDIS_TIMEOUT,
+        ) as port,
+    ):
+        yield Cluster(upstream, (port, port))
+
+
 async def trial(
-    cluster: Cluster, index: int, results: dict[str, tuple[Streamed, Streamed]]
+    cluster: Cluster,
+    index: int,
+    results: dict[str, tuple[Streamed, Streamed]],
+    session_prefix: str,
 ) -> None:
     first, second = cluster.nodes if index % 2 == 0 else cluster.nodes[::-1]
-    session = f"sup-{index}"
+    session = f"{session_prefix}-{index}"
     a, b = Streamed(), Streamed()
     async with (
         loopback_client(first.url) as client_a,
@@ -81,11 +108,42 @@ async def trial(
 
 
 async def test_cross_node_supersede_both_ways(cluster: Cluster) -> None:
+    await supersede_trials(cluster)
+    for node in cluster.nodes:
+        await settled(node)
+
+
+async def test_supersede_on_one_port_with_two_workers(one_port: Cluster) -> None:
+    """The same trials with both prompts sent to the port of ``--workers 2``:
+    the promise holds whichever worker each connection lands on, and the
+    trials show both cases happen."""
+    results = await supersede_trials(one_port, session_prefix="port")
+    port = one_port.nodes[0]
+    crossed = sum(
+        worker_of(port, a.run_id or "") != worker_of(port, b.run_id or "")
+        for a, b in results.values()
+    )
+    assert 0 < crossed < TRIALS, crossed
+
+
+def worker_of(node: ServerProcess, run_id: str) -> str:
+    """The ``worker=<i>`` field of the line that logged ``run_id``'s start."""
+    marker = f" server.lifecycle stream_start trace={run_id} "
+    line = next(line for line in node.lines if marker in line)
+    return line.split(" worker=", 1)[1].split(" ", 1)[0]
+
+
+async def supersede_trials(
+    cluster: Cluster, session_prefix: str = "sup"
+) -> dict[str, tuple[Streamed, Streamed]]:
+    """TRIALS sessions, BATCH at a time: A streams a long answer from one
+    node, B supersedes it from the other. Checks every promise of a
+    supersede on the results, the records and the logs."""
     results: dict[str, tuple[Streamed, Streamed]] = {}
     for start in range(0, TRIALS, BATCH):
         async with trio.open_nursery() as nursery:
             for index in range(start, start + BATCH):
-                nursery.start_soon(trial, cluster, index, results)
+                nursery.start_soon(trial, cluster, index, results, session_prefix)
     assert len(results) == TRIALS
     stats = (await fake_stats(cluster.upstream))["sessions"]
     overlapping = [s for s in results if stats[s]["max_concurrency"] != 1]
@@ -111,8 +169,7 @@ async def test_cross_node_supersede_both_ways(cluster: Cluster) -> None:
         assert b_record["created_at"] >= a_record["finished_at"], (a_record, b_record)
         a_ended = logged_at(a_node, "stream_end", a.run_id or "")
         assert logged_at(b_node, "stream_start", b.run_id or "") >= a_ended
-    for node in cluster.nodes:
-        await settled(node)
+    return results
 
 
 # The storm: prompts for one session alternate between the nodes faster

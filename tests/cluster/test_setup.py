@@ -32,7 +32,14 @@ def test_a_lease_ttl_shorter_than_cleanup_and_two_calls_exits_2(
         parse_settings(["--lease-ttl", "9", "--redis-url", "redis://127.0.0.1:6390/0"], {})
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
-    assert "--lease-ttl must exceed --cleanup-budget + 2 x the 2 s call timeout (9 s here)" in line
+    assert "--lease-ttl must exceed --cleanup-budget + 2 x --redis-timeout (9 s here)" in line
+
+
+def test_a_shorter_redis_timeout_allows_a_shorter_lease_and_bounds_every_call() -> None:
+    argv = ["--lease-ttl", "7.5", "--redis-timeout", "1", "--redis-url", "redis://127.0.0.1:1/0"]
+    settings = parse_settings(argv, {})
+    assert (settings.lease_ttl, settings.redis_timeout) == (7.5, 1.0)
+    assert setup.cluster_config(settings).call_timeout == 1.0
 
 
 def test_lease_ttl_must_be_positive(capsys: pytest.CaptureFixture[str]) -> None:

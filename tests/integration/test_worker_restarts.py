@@ -45,10 +45,15 @@ async def test_a_killed_worker_is_restarted_and_the_port_keeps_serving(redis_url
 
 
 async def test_a_worker_that_keeps_dying_makes_the_supervisor_give_up(redis_url: str) -> None:
-    """The 6th exit of one worker within a minute: the supervisor stops the
-    other one (it drains, as on SIGTERM) and exits 1."""
-    with running_server("--workers", "2", "--redis-url", redis_url) as server:
-        for attempt in range(1, 7):
+    """One exit more than ``--max-worker-restarts`` within a minute: the
+    supervisor stops the other worker (it drains, as on SIGTERM) and exits 1.
+    Two restarts keep the backoff short (0.25 s, 0.5 s); the default of five
+    is :class:`RestartPolicy`'s, tested in tests/unit/test_supervisor.py."""
+    restarts = 2
+    with running_server(
+        "--workers", "2", "--redis-url", redis_url, "--max-worker-restarts", str(restarts)
+    ) as server:
+        for attempt in range(1, restarts + 2):
             await listened(server, 0, times=attempt)
             os.kill(worker_pids(server)[0], signal.SIGKILL)
         assert await server.wait_exit() == 1, server.log_text()

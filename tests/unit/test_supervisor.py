@@ -22,6 +22,10 @@ def test_restarts_back_off_then_give_up_within_the_window() -> None:
     assert policy.next_delay(5.0) is None  # a 6th restart within 60 s
 
 
+def test_a_policy_of_no_restarts_gives_up_at_the_first_exit() -> None:
+    assert RestartPolicy(max_restarts=0).next_delay(0.0) is None
+
+
 def test_restarts_spread_out_are_never_given_up_and_the_backoff_is_bounded() -> None:
     policy = RestartPolicy(max_restarts=10, max_delay=5.0)
     assert [policy.next_delay(now) for now in range(6)][-1] == 5.0
