@@ -8,7 +8,7 @@ import pytest
 import trio
 import trio.testing
 
-from server.cluster.backend import Intent, SessionRef
+from server.cluster.backend import Intent, Lease, SessionRef
 from server.cluster.intents import Intents
 from server.cluster.memory import MemoryBackend
 from tests.cluster.nodes import PRINCIPAL, TTL, start_node
@@ -48,4 +48,28 @@ async def test_an_intent_refused_waits_for_the_lease_to_change(
         run = await a.prompt("first")
         assert run.started_at == TTL  # once the stray lease expired
         assert a.coordinator.metrics.cancels_sent == 1  # asked once, then waited
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_lease_handed_over_here_is_no_stray_while_its_acquire_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Regression: a handover is in the backend before its reply reaches the
+    # acquire that asked for it. An intent carrying the new token that
+    # arrived in between found no session holding it and released it, so
+    # the new run's first publish was refused and it ended owner_lost (seen
+    # in the cross-node storm test under load).
+    backend = MemoryBackend()
+    async with trio.open_nursery() as nursery:
+        a = await start_node(nursery, backend, "a", scripted(3))
+        b = await start_node(nursery, backend, "b", scripted(3))
+        handed_over = await backend.acquire(S1, "b", TTL)
+        assert isinstance(handed_over, Lease)
+        b.coordinator.owner.acquiring[S1] += 1  # b's acquire still waits for the reply
+        nursery.start_soon(a.prompt, "first")
+        await trio.sleep(1.0)  # intents take no clock time; a now waits on b's lease
+        assert b.coordinator.metrics.cancels_handled == 1
+        holder = await backend.holder(S1)
+        assert holder is not None
+        assert (holder.node, holder.token) == ("b", handed_over.token)
         nursery.cancel_scope.cancel()
