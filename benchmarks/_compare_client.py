@@ -140,6 +140,9 @@ class Context:
     tag: str  # unique per server x scenario, for session names
     upstream_pid: int | None = None  # the lean upstream's, when the scenario uses it
     profile_dir: Path | None = None  # py-spy profiles go here when --profile is given
+    # Where the supersede scenario sends prompt B (another node of a
+    # cluster); by default ``client``, like A.
+    b_client: httpx2.AsyncClient | None = None
 
     async def debug(self) -> dict[str, Any]:
         response = await self.client.get("/debug/tasks", headers=self.server.debug_headers)

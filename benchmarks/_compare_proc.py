@@ -7,7 +7,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
 from functools import partial
 from pathlib import Path
 
@@ -155,6 +155,45 @@ def cpu_seconds(pid: int) -> float:
         fields = file.read().rsplit(")", 1)[1].split()
     # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its live descendants (a server with ``--workers`` is a
+    supervisor and its worker processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as file:
+                parent = int(file.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+        children.setdefault(parent, []).append(int(entry))
+    tree, pending = [], [pid]
+    while pending:
+        current = pending.pop()
+        tree.append(current)
+        pending.extend(children.get(current, ()))
+    return tree
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """:func:`cpu_seconds` of ``pid`` and its live descendants together."""
+    total = 0.0
+    for member in process_tree(pid):
+        with suppress(OSError, ValueError, IndexError):  # exited meanwhile
+            total += cpu_seconds(member)
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    """VmRSS of ``pid`` and its live descendants together (bytes)."""
+    total = 0
+    for member in process_tree(pid):
+        with suppress(OSError):  # exited meanwhile
+            total += proc_status(member).get("VmRSS", 0)
+    return total
 
 
 def proc_status(pid: int) -> dict[str, int]:

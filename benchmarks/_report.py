@@ -220,13 +220,15 @@ def generated_section(document: dict[str, Any], table: str, ks: list[int], *, sc
     return "\n".join(lines)
 
 
-def update_document(path: Path, section: str) -> None:
-    """Replace the generated section of ``path`` (kept: the text around it)."""
-    text = path.read_text() if path.exists() else f"# Comparison\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
+def update_document(path: Path, section: str, begin: str = BEGIN, end: str = END) -> None:
+    """Replace the generated section of ``path`` between ``begin`` and
+    ``end`` (kept: the text around it; ``section`` starts and ends with
+    the markers)."""
+    text = path.read_text() if path.exists() else f"# Comparison\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
         raise SystemExit(f"{path}: the generated-section markers are missing")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     path.write_text(head + section + tail)
 
 

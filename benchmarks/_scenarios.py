@@ -22,6 +22,7 @@ async def supersede(ctx: Context, mode: str) -> dict[str, Any]:
     superseding: list[tuple[str, Stream]] = []
     stop_at = trio.current_time() + settings.supersede_budget
     run = partial(stream, ctx.client, within=settings.hang_timeout)
+    run_b = partial(stream, ctx.b_client or ctx.client, within=settings.hang_timeout)
     async with trio.open_nursery() as nursery:
         for index in range(settings.trials):
             if trio.current_time() > stop_at:
@@ -36,7 +37,7 @@ async def supersede(ctx: Context, mode: str) -> dict[str, Any]:
             await trio.sleep(0.1)
             nursery.start_soon(
                 partial(
-                    run,
+                    run_b,
                     session,
                     f"B {session} @session={session} @tokens=5 @delay=0",
                     result=b,

@@ -14,7 +14,7 @@ import trio
 
 from benchmarks import _profile
 from benchmarks._compare_client import AUTH, CHAT, Context, Stream, body, hangs, quantiles_ms
-from benchmarks._compare_proc import cpu_seconds, proc_status
+from benchmarks._compare_proc import cpu_seconds, tree_cpu_seconds, tree_rss
 
 TOKEN = re.compile(rb"tok\d")  # the fake upstreams' token text
 
@@ -78,9 +78,10 @@ async def throughput(ctx: Context) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     for k in settings.ks:
         streams = [Stream() for _ in range(k)]
-        peak = proc_status(pid).get("VmRSS", 0)
+        # The server's whole process tree: with --workers, its workers.
+        peak = tree_rss(pid)
         rss_before = peak
-        cpu_before = cpu_seconds(pid)
+        cpu_before = tree_cpu_seconds(pid)
         upstream_cpu_before = cpu_seconds(ctx.upstream_pid) if ctx.upstream_pid else 0.0
         client_cpu_before = time.process_time()
         started = trio.current_time()
@@ -103,7 +104,7 @@ async def throughput(ctx: Context) -> dict[str, Any]:
         async def sample_rss() -> None:
             nonlocal peak
             while True:
-                peak = max(peak, proc_status(pid).get("VmRSS", 0))
+                peak = max(peak, tree_rss(pid))
                 await trio.sleep(0.05)
 
         async with trio.open_nursery() as profiler:
@@ -127,7 +128,7 @@ async def throughput(ctx: Context) -> dict[str, Any]:
                         )
                 nursery.cancel_scope.cancel()
             wall = trio.current_time() - started
-            cpu = cpu_seconds(pid) - cpu_before
+            cpu = tree_cpu_seconds(pid) - cpu_before
             upstream_cpu = (cpu_seconds(ctx.upstream_pid) if ctx.upstream_pid else 0.0) - (
                 upstream_cpu_before
             )

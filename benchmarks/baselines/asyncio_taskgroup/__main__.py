@@ -11,8 +11,10 @@ uvicorn close the connections, and exits with status 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -81,6 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--idle-timeout", type=float, default=300.0)
     parser.add_argument("--upstream-timeout", type=float, default=60.0)
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes accepting on the one socket (forked; sessions are per process)",
+    )
     args = parser.parse_args(argv)
     try:
         loopback = ipaddress.ip_address(args.host).is_loopback
@@ -90,6 +98,41 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--host must be a loopback address, not {args.host!r}")
 
     _configure_logging(args.log_level)
+    sock = _bind(args.host, args.port)
+    with sock:
+        if args.workers > 1:
+            _fork_workers(args, sock)
+        else:
+            _serve(args, sock)
+
+
+def _fork_workers(args: argparse.Namespace, sock: socket.socket) -> None:
+    """What ``uvicorn --workers N`` gives: N processes accepting on one
+    socket, each with its own registry (a session's prompts may land on
+    different processes: the benchmark measures throughput, not supersede).
+    The parent forwards SIGTERM and SIGINT and exits once they all did."""
+    pids = []
+    for _ in range(args.workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _serve(args, sock)
+            finally:
+                os._exit(0)
+        pids.append(pid)
+
+    def forward(signum: int, frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for pid in pids:
+        os.waitpid(pid, 0)
+
+
+def _serve(args: argparse.Namespace, sock: socket.socket) -> None:
     app = App(
         Config(
             upstream_url=args.upstream_url,
@@ -101,27 +144,23 @@ def main(argv: list[str] | None = None) -> None:
             upstream_timeout=args.upstream_timeout,
         )
     )
-    sock = _bind(args.host, args.port)
-    with sock:
-        host, port = sock.getsockname()[:2]
-        url = (
-            f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
-        )
-        config = uvicorn.Config(
-            app,
-            loop="asyncio",
-            http="httptools",
-            lifespan="on",
-            log_config=None,
-            log_level=args.log_level,
-            access_log=False,
-            proxy_headers=False,
-            server_header=False,
-            # A backstop only: the drain in _Server.shutdown ends the streams.
-            timeout_graceful_shutdown=args.cleanup_budget + 5,
-        )
-        signal.signal(signal.SIGTERM, _ignore_signal)
-        _Server(config, app=app, url=url).run(sockets=[sock])
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"http://{host}:{port}"
+    config = uvicorn.Config(
+        app,
+        loop="asyncio",
+        http="httptools",
+        lifespan="on",
+        log_config=None,
+        log_level=args.log_level,
+        access_log=False,
+        proxy_headers=False,
+        server_header=False,
+        # A backstop only: the drain in _Server.shutdown ends the streams.
+        timeout_graceful_shutdown=args.cleanup_budget + 5,
+    )
+    signal.signal(signal.SIGTERM, _ignore_signal)
+    _Server(config, app=app, url=url).run(sockets=[sock])
 
 
 if __name__ == "__main__":
