@@ -22,7 +22,7 @@ from server.core.agent import AgentRequest
 from server.core.events import AgentOutput, TextDelta
 from server.settings import Settings
 
-from .harness import FAST_REPLY, ServerProcess, running_server
+from .harness import ServerProcess, running_server
 from .wire import CHAT_PATH, auth, chat_body, stream_chat
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -30,6 +30,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 # Runs of about five seconds: long enough to hold open while a test pushes
 # against a limit.
 SLOW_REPLY = ("--token-delay", "0.05", "--reply-words", "100")
+# Where a test only needs answers, not runs held open: 100 words in 0.2 s.
+QUICK_REPLY = ("--token-delay", "0.002", "--reply-words", "100")
 
 
 def new_session_id() -> str:
@@ -224,7 +226,7 @@ async def test_oversized_headers_get_431_and_the_server_keeps_serving(
 
 async def test_sessions_per_key_and_in_total_get_429_and_body_size_is_configurable() -> None:
     with running_server(
-        *FAST_REPLY,
+        *QUICK_REPLY,
         "--api-key",
         "k1",
         "--api-key",
@@ -363,7 +365,7 @@ async def test_run_timeout_interrupts_the_run_with_reason_deadline() -> None:
 async def test_a_run_past_its_log_limit_ends_failed_with_run_too_large(
     limit: tuple[str, ...],
 ) -> None:
-    with running_server(*SLOW_REPLY, *limit) as server:
+    with running_server(*QUICK_REPLY, *limit) as server:
         async with httpx2.AsyncClient(base_url=server.url, timeout=30.0) as client:
             stream = await stream_chat(client, "say a lot")
             assert stream.finish_reason == "error", stream.final
